@@ -1,0 +1,93 @@
+"""The mask-method interface and the selection rules shared by every method.
+
+Everything here is pure tensor math: tensors in, tensors out, no hooks, devices or logging.
+Masks are boolean and mean *keep* (True = the weight survives).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class PruneResult:
+    """What a mask method returns for one linear layer."""
+
+    weight: torch.Tensor  # (out, in), pruned (and, for SparseGPT, updated): exactly zero where ~mask
+    mask: torch.Tensor  # (out, in) bool, True = kept
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. the dampening SparseGPT ended up using
+
+
+class InputStatistics(ABC):
+    """Accumulates what a method needs to know about a layer's inputs, one batch at a time."""
+
+    @abstractmethod
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``x`` of shape (..., in_features)."""
+
+
+class MaskMethod(ABC):
+    """One way of choosing masks. Subclasses are registered by name in `optimum_recon.masks`."""
+
+    name: ClassVar[str]
+    #: Whether the method needs the layer inputs at all (magnitude does not).
+    needs_inputs: ClassVar[bool] = True
+
+    def new_statistics(self, in_features: int, device: torch.device) -> InputStatistics | None:
+        """A fresh accumulator for a layer with ``in_features`` inputs, or None if no inputs are needed."""
+        return None
+
+    @abstractmethod
+    def prune(
+        self,
+        weight: torch.Tensor,
+        stats: InputStatistics | None,
+        *,
+        sparsity: float,
+        nm: tuple[int, int] | None,
+        **options: Any,
+    ) -> PruneResult:
+        """Choose the mask of ``weight`` (out, in) and return the pruned weight with it."""
+
+
+def _keep_top(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Bool mask keeping the ``num_keep`` largest entries of each row of ``scores`` (stable on ties)."""
+    # scores: (rows, k)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep.scatter_(-1, order[..., :num_keep], True)
+    return keep
+
+
+def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive inputs of each row."""
+    # scores: (out, in) -> groups: (out, in // m, m)
+    out_features, in_features = scores.shape
+    if in_features % m:
+        raise ValueError(f"an N:M pattern with M={m} needs an input width divisible by {m}, got {in_features}.")
+    groups = scores.reshape(out_features, in_features // m, m)
+    return _keep_top(groups, n).reshape(out_features, in_features)
+
+
+def row_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune ``int(in * sparsity)`` lowest scores in each output row (Wanda's comparison group)."""
+    num_prune = int(scores.shape[1] * sparsity)
+    return _keep_top(scores, scores.shape[1] - num_prune)
+
+
+def global_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Prune exactly ``int(numel * sparsity)`` lowest scores over the whole matrix."""
+    flat = scores.reshape(1, -1)
+    num_prune = int(flat.shape[1] * sparsity)
+    return _keep_top(flat, flat.shape[1] - num_prune).reshape(scores.shape)
+
+
+def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, per_row: bool) -> torch.Tensor:
+    """The keep-mask for ``scores`` under an N:M pattern, or unstructured per row / over the matrix."""
+    if nm is not None:
+        return nm_keep_mask(scores, *nm)
+    return row_keep_mask(scores, sparsity) if per_row else global_keep_mask(scores, sparsity)

@@ -1,0 +1,27 @@
+"""Magnitude pruning: drop the weights with the smallest |W|."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import MaskMethod, PruneResult, select_mask
+
+
+def magnitude_prune(weight: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> PruneResult:
+    """Prune ``weight`` (out, in) by magnitude.
+
+    Unstructured: one threshold over the whole matrix (exactly ``int(numel * sparsity)`` zeros).
+    N:M: the N largest |W| of every M consecutive inputs in each row are kept.
+    """
+    mask = select_mask(weight.abs().float(), sparsity, nm, per_row=False)
+    return PruneResult(weight=weight * mask, mask=mask)
+
+
+class Magnitude(MaskMethod):
+    name = "magnitude"
+    needs_inputs = False
+
+    def prune(self, weight, stats, *, sparsity, nm, **options: Any) -> PruneResult:
+        return magnitude_prune(weight, sparsity, nm)
