@@ -1,1 +1,41 @@
+"""optimum-recon: prune large language models and reconstruct them block by block.
+
+Importing this package is cheap: the public objects are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .version import __version__
+
+_LAZY = {
+    "CalibrationConfig": ".configuration",
+    "PruningConfig": ".configuration",
+    "PruningReport": ".report",
+    "ReconPruner": ".pruner",
+    "evaluate_perplexity": ".evaluation",
+    "prune_model": ".engine.sequential",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .configuration import CalibrationConfig, PruningConfig
+    from .engine.sequential import prune_model
+    from .evaluation import evaluate_perplexity
+    from .pruner import ReconPruner
+    from .report import PruningReport
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'optimum_recon' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

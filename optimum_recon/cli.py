@@ -1,0 +1,200 @@
+"""The `optimum-recon` command line (also available as `optimum-cli recon ...`).
+
+Flags for the recipe are generated from the `PruningConfig` / `CalibrationConfig` dataclasses, so their
+help text and defaults are written once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from typing import Any
+
+from .configuration import CalibrationConfig, PruningConfig, field_default, field_help
+
+# CLI flag -> (dataclass, field). Lists take several values: --targets q_proj k_proj.
+_RECIPE_FLAGS = {
+    "sparsity": (PruningConfig, "sparsity", float),
+    "pattern": (PruningConfig, "pattern", str),
+    "method": (PruningConfig, "method", str),
+    "reconstruction": (PruningConfig, "reconstruction", str),
+    "propagation": (PruningConfig, "propagation", str),
+    "targets": (PruningConfig, "targets", "list"),
+    "ignore": (PruningConfig, "ignore", "list"),
+    "dampening": (PruningConfig, "dampening", float),
+    "block-size": (PruningConfig, "block_size", int),
+    "calibration": (CalibrationConfig, "source", str),
+    "num-samples": (CalibrationConfig, "num_samples", int),
+    "seq-len": (CalibrationConfig, "seq_len", int),
+    "seed": (CalibrationConfig, "seed", int),
+    "text-column": (CalibrationConfig, "text_column", str),
+    "calibration-split": (CalibrationConfig, "split", str),
+}
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="Hub model id or local folder (default: the bundled SmolLM2-135M-Instruct).")
+    parser.add_argument("--dtype", default=None, help="Load dtype: float32, bfloat16, float16 or auto "
+                        "(default: float32 on CPU, the checkpoint's dtype on GPU).")
+    parser.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. auto).")
+    parser.add_argument("--trust-remote-code", action="store_true", help="Allow custom modeling code from the Hub.")
+    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log each block's error.")
+
+
+def _add_eval_flags(parser: argparse.ArgumentParser, flag: str, default: str | None, help_text: str) -> None:
+    parser.add_argument(flag, default=default, help=help_text)
+    parser.add_argument("--eval-seq-len", type=int, default=None,
+                        help="Perplexity window length (default: min(model context, 2048)).")
+    parser.add_argument("--eval-max-tokens", type=int, default=None,
+                        help="Evaluate only the first N tokens of each dataset (bounds the cost).")
+    parser.add_argument("--eval-batch-size", type=int, default=1, help="Windows per evaluation forward pass.")
+
+
+def add_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Add the `prune` and `eval` subcommands to ``parser`` (shared by optimum-recon and optimum-cli recon)."""
+    sub = parser.add_subparsers(dest="recon_command", metavar="{prune,eval}")
+    prune = sub.add_parser("prune", help="Prune a model block by block and save it.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_flags(prune)
+    for flag, (cls, name, kind) in _RECIPE_FLAGS.items():
+        kwargs: dict[str, Any] = {"help": field_help(cls, name), "default": field_default(cls, name)}
+        if kind == "list":
+            kwargs.update(nargs="+")
+        else:
+            kwargs["type"] = kind
+        prune.add_argument(f"--{flag}", dest=name if cls is PruningConfig else f"calibration_{name}", **kwargs)
+    prune.add_argument("--recipe", default=None, help="Start from the pruning_config.json of a folder or Hub repo; "
+                       "flags given explicitly override it.")
+    prune.add_argument("--output", default=None, help="Folder to save the pruned model into.")
+    prune.add_argument("--batch-size", type=int, default=8, help="Calibration windows per forward pass.")
+    prune.add_argument("--device", default=None, help="Where blocks run (default: GPU if available, else CPU).")
+    prune.add_argument("--blocks-path", default=None, help="Attribute path of the decoder blocks, e.g. model.layers.")
+    _add_eval_flags(prune, "--eval", None, "Comma-separated datasets to evaluate before and after pruning "
+                    "(wikitext2, c4, ptb, a local file or a Hub id).")
+    prune.set_defaults(recon_handler=run_prune)
+
+    evaluate = sub.add_parser("eval", help="Perplexity of a (pruned) model.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_flags(evaluate)
+    _add_eval_flags(evaluate, "--dataset", "wikitext2", "Comma-separated datasets (wikitext2, c4, ptb, a local "
+                    "file or a Hub id).")
+    evaluate.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    evaluate.set_defaults(recon_handler=run_eval)
+
+
+def _explicit_flags(argv: list[str]) -> set[str]:
+    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+
+def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> PruningConfig:
+    """A `PruningConfig` from parsed flags (over a ``--recipe`` when given)."""
+    values = {f.name: getattr(args, f.name) for f in fields(PruningConfig) if hasattr(args, f.name)}
+    calibration = {f.name: getattr(args, f"calibration_{f.name}") for f in fields(CalibrationConfig)}
+    if getattr(args, "recipe", None):
+        base = PruningConfig.from_pretrained(args.recipe).to_dict()
+        argv = argv if argv is not None else getattr(args, "argv", None)
+        explicit = _explicit_flags(argv if argv is not None else sys.argv[1:])
+        for flag, (cls, name, _) in _RECIPE_FLAGS.items():
+            if flag in explicit:
+                continue
+            if cls is PruningConfig:
+                values[name] = base[name]
+            else:
+                calibration[name] = base["calibration"][name]
+    values.pop("calibration", None)
+    return PruningConfig(**values, calibration=CalibrationConfig(**calibration))
+
+
+def _load(args: argparse.Namespace, config: PruningConfig | None = None):
+    from .pruner import ReconPruner
+
+    kwargs: dict[str, Any] = {"dtype": args.dtype, "device_map": args.device_map}
+    if args.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    return ReconPruner.from_pretrained(args.model, config, blocks_path=getattr(args, "blocks_path", None), **kwargs)
+
+
+def _eval_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(seq_len=args.eval_seq_len, max_tokens=args.eval_max_tokens, batch_size=args.eval_batch_size,
+                progress=not args.no_progress)
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    pruner = _load(args, config)
+    datasets = [d for d in (args.eval or "").split(",") if d]
+    if datasets:
+        pruner.evaluate(datasets, **_eval_kwargs(args))
+    report = pruner.prune(batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    if datasets:
+        pruner.evaluate(datasets, **_eval_kwargs(args))
+    print(report.summary())
+    for name, values in report.perplexity.items():
+        print(f"{name}: dense perplexity {values.get('dense', float('nan')):.3f} -> pruned "
+              f"{values.get('pruned', float('nan')):.3f}")
+    if args.output:
+        path = pruner.save_pretrained(args.output)
+        print(f"saved to {path}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    pruner = _load(args)
+    results = pruner.evaluate(args.dataset, **_eval_kwargs(args))
+    rows = {}
+    for name, result in results.items():
+        print(f"{name}: perplexity {result.perplexity:.3f} ({result.num_tokens:,} tokens, windows of {result.seq_len})")
+        rows[name] = {"perplexity": result.perplexity, "num_tokens": result.num_tokens, "seq_len": result.seq_len}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"model": args.model, "results": rows}, fh, indent=2)
+    return 0
+
+
+def _configure_logging(verbose: bool) -> None:
+    logger = logging.getLogger("optimum_recon")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def run_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run a parsed `prune` / `eval` command; user errors are printed without a traceback."""
+    handler = getattr(args, "recon_handler", None)
+    if handler is None:
+        if parser is not None:
+            parser.print_help()
+        return 2
+    _configure_logging(getattr(args, "verbose", False))
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError, OSError, ImportError, NotImplementedError) as err:
+        print(f"optimum-recon: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optimum-recon", description="Prune LLMs and reconstruct them block by block.")
+    from .version import __version__
+
+    parser.add_argument("--version", action="version", version=f"optimum-recon {__version__}")
+    add_subcommands(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return run_args(args, parser)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Resolving a data source (a known name, a Hub dataset id or a local file/folder) to text.
+
+Known names and where they come from, in order:
+
+* ``$OPTIMUM_RECON_DATA_DIR`` when set: a folder laid out like ``c4/c4-train.00000-of-01024*.jsonl``,
+  ``c4/c4-validation.00000-of-00008*.json*``, ``wikitext-2-raw/wiki.{test,valid,train}.raw``, ``ptb/ptb.{test,train}.txt``;
+* the Hugging Face Hub through `datasets.load_dataset` (the same files the papers use);
+* a small copy bundled with this package (WikiText-2 test; 300 C4 train documents), with a warning, when
+  the Hub cannot be reached.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_DIR = Path(__file__).parent / "bundled"
+DATA_DIR_ENV = "OPTIMUM_RECON_DATA_DIR"
+LOCAL_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet", ".csv")
+
+# name -> split -> (Hub loader kwargs, text column, glob under $OPTIMUM_RECON_DATA_DIR, bundled file)
+_KNOWN = {
+    "c4": {
+        "train": (dict(path="allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train"),
+                  "text", "c4/c4-train.00000-of-01024*.json*", "c4-train-sample.jsonl"),
+        "validation": (dict(path="allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                            split="validation"), "text", "c4/c4-validation.00000-of-00008*.json*", None),
+    },
+    "wikitext2": {
+        split: (dict(path="wikitext", name="wikitext-2-raw-v1", split=split), "text",
+                f"wikitext-2-raw/wiki.{raw}.raw", "wikitext-2-raw-test.txt" if split == "test" else None)
+        for split, raw in (("train", "train"), ("validation", "valid"), ("test", "test"))
+    },
+    "ptb": {
+        split: (dict(path="ptb_text_only", name="penn_treebank", split=split), "sentence", f"ptb/ptb.{split}.txt", None)
+        for split in ("train", "validation", "test")
+    },
+}
+
+
+class DataSourceError(ValueError):
+    """A dataset that cannot be loaded; the message says what to pass instead."""
+
+
+def _read_local(path: str, text_column: str | None) -> list[str]:
+    """Documents of a local file or saved dataset folder. Text files are one document per line group."""
+    if os.path.isdir(path):
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as err:  # noqa: BLE001 - re-raised with the fix
+            raise DataSourceError(f"{path!r} is a folder but not a dataset saved with save_to_disk: {err}") from err
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[next(iter(ds))]
+        return _column(ds, text_column, path)
+    suffix = Path(path).suffix.lower()
+    if suffix in (".txt", ".raw"):
+        with open(path, encoding="utf-8") as fh:
+            # One row per line, exactly like the Hub's text loader (empty lines kept as "").
+            return fh.read().splitlines()
+    if suffix == ".jsonl" or (suffix == ".json" and _looks_like_jsonl(path)):
+        with open(path, encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        return _column(rows, text_column, path)
+    import datasets
+
+    builder = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
+    if builder is None:
+        raise DataSourceError(f"unsupported file type {suffix!r} for {path!r}: use one of {', '.join(LOCAL_SUFFIXES)}.")
+    ds = datasets.load_dataset(builder, data_files=path, split="train")
+    return _column(ds, text_column, path)
+
+
+def _looks_like_jsonl(path: str) -> bool:
+    with open(path, encoding="utf-8") as fh:
+        first = fh.readline().strip()
+    return first.startswith("{") and first.endswith("}")
+
+
+def _column(rows, text_column: str | None, where: str) -> list[str]:
+    if hasattr(rows, "column_names"):
+        columns = rows.column_names
+        get = lambda col: list(rows[col])  # noqa: E731
+    else:
+        columns = list(rows[0].keys()) if rows else []
+        get = lambda col: [r[col] for r in rows]  # noqa: E731
+    if text_column is None:
+        text_column = "text" if "text" in columns else ("sentence" if "sentence" in columns else None)
+    if text_column not in columns:
+        raise DataSourceError(f"{where!r} has no text column {text_column!r}; columns: {columns}. Pass text_column=...")
+    return [t if isinstance(t, str) else "" for t in get(text_column)]
+
+
+def _from_data_dir(pattern: str, text_column: str) -> list[str] | None:
+    root = os.environ.get(DATA_DIR_ENV)
+    if not root:
+        return None
+    matches = sorted(glob.glob(os.path.join(root, pattern)))
+    return _read_local(matches[0], text_column) if matches else None
+
+
+def _from_hub(kwargs: dict, text_column: str | None, label: str) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(**kwargs)
+    except Exception as err:  # noqa: BLE001 - offline, missing, gated: all get the same advice
+        raise DataSourceError(
+            f"could not load {label!r} from the Hugging Face Hub ({type(err).__name__}: {str(err)[:200]}). "
+            "If you are offline, pass a local .txt/.jsonl/.parquet file or a saved dataset folder instead "
+            f"(or set {DATA_DIR_ENV} to a folder holding local copies)."
+        ) from err
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[next(iter(ds))]
+    return _column(ds, text_column, label)
+
+
+def load_documents(source: str, split: str = "train", text_column: str | None = None) -> list[str]:
+    """The documents (rows) of ``source``: a known name, a local file or folder, or a Hub dataset id."""
+    if os.path.exists(source):
+        return _read_local(source, text_column)
+    if source in _KNOWN:
+        if split not in _KNOWN[source]:
+            raise DataSourceError(f"{source!r} has no split {split!r}; splits: {', '.join(_KNOWN[source])}.")
+        hub_kwargs, column, local_glob, bundled = _KNOWN[source][split]
+        docs = _from_data_dir(local_glob, column)
+        if docs is not None:
+            return docs
+        try:
+            return _from_hub(hub_kwargs, column, f"{source} ({split})")
+        except DataSourceError:
+            if bundled is None:
+                raise
+            warnings.warn(
+                f"{source} ({split}) could not be loaded from the Hub; using the copy bundled with optimum-recon "
+                f"({bundled}). Set {DATA_DIR_ENV} or pass a local file to choose the data explicitly.",
+                stacklevel=2,
+            )
+            return _read_local(str(BUNDLED_DIR / bundled), column)
+    if Path(source).suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
+        raise DataSourceError(f"local data file {source!r} does not exist.")
+    return _from_hub(dict(path=source, split=split), text_column, source)
+
+
+def load_eval_text(name: str, text_column: str | None = None) -> str:
+    """The single evaluation string for perplexity, following the protocol of SparseGPT/Wanda/the paper.
+
+    wikitext2: ``"\\n\\n".join`` of the test rows; ptb: the test sentences joined with spaces; c4: the first
+    1,100 validation documents joined with spaces; a local file or Hub dataset: its rows joined with "\\n\\n".
+    """
+    if name == "wikitext2":
+        return "\n\n".join(load_documents("wikitext2", "test"))
+    if name == "ptb":
+        return " ".join(load_documents("ptb", "test"))
+    if name == "c4":
+        return " ".join(load_documents("c4", "validation")[:1100])
+    if os.path.isfile(name) and Path(name).suffix.lower() in (".txt", ".raw"):
+        with open(name, encoding="utf-8") as fh:
+            return fh.read()
+    split = "test" if not os.path.exists(name) else "train"
+    return "\n\n".join(load_documents(name, split, text_column))

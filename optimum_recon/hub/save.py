@@ -1,0 +1,73 @@
+"""Writing a pruned model so that an interrupted or failed save never damages a good one.
+
+Everything is written into a hidden temporary sibling of the target folder, which replaces the target
+only once complete (two renames on the same filesystem). A failure leaves the old folder untouched and
+removes the partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from ..configuration import PruningConfig
+from ..report import REPORT_NAME, PruningReport
+from .card import build_model_card
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``target`` when the block finishes without error."""
+    target = Path(target).expanduser().resolve()
+    if target.is_file():
+        raise ValueError(f"{str(target)!r} is a file; pass a folder to save into.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        backup = None
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, backup)
+        os.replace(tmp, target)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the device while saving to {str(target)!r}; nothing was replaced. Free space "
+                "(about twice the model's size on disk is needed during the save) or choose another folder.",
+            ) from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pruned_model(
+    model,
+    tokenizer,
+    config: PruningConfig,
+    report: PruningReport | None,
+    save_directory: str | os.PathLike,
+    *,
+    base_model: str | None = None,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Save weights (safetensors), tokenizer, `pruning_config.json`, `pruning_report.json` and a model card."""
+    with atomic_directory(save_directory) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        if report is not None:
+            report.save(tmp / REPORT_NAME)
+        build_model_card(config, report, base_model=base_model).save(tmp / "README.md")
+    return Path(save_directory).expanduser().resolve()

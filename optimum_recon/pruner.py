@@ -1,0 +1,177 @@
+"""`ReconPruner`: load a model, prune it, evaluate it, save it. A thin facade over `prune_model`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .configuration import PruningConfig
+from .data.calibration import sample_calibration_windows
+from .data.default_model import DEFAULT_MODEL_NAME, default_model_path
+from .engine.sequential import prune_model
+from .evaluation import PerplexityResult, evaluate_perplexity
+from .report import PruningReport
+
+logger = logging.getLogger(__name__)
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.isabs(name) or name.count("/") > 1
+
+
+def resolve_model_path(model_id_or_path: str | None) -> str:
+    """The bundled model's folder when ``None``; else the id or path, checked when it is clearly local."""
+    if model_id_or_path is None:
+        return default_model_path()
+    path = os.path.expanduser(str(model_id_or_path))
+    if _looks_local(path) and not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"model path {model_id_or_path!r} does not exist: pass a folder with config.json and weights, or a Hub "
+            "model id such as 'HuggingFaceTB/SmolLM2-135M'."
+        )
+    return path
+
+
+def load_model_and_tokenizer(model_id_or_path: str, dtype: Any = None, **kwargs: Any):
+    """Load a causal LM and its tokenizer with transformers; clear errors when that is impossible."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype is None:  # fp32 on CPU (fast and exact there), the checkpoint's dtype on an accelerator
+        dtype = "auto" if torch.cuda.is_available() else torch.float32
+    elif isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id_or_path, dtype=dtype, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"could not load model {model_id_or_path!r}: it is not a local folder with a model, and it could not be "
+            f"fetched from the Hub (offline, private, or misspelled?). Original error: {err}"
+        ) from err
+    tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=kwargs.get("trust_remote_code", False))
+    return model, tokenizer
+
+
+class ReconPruner:
+    """Prune a causal language model block by block and reconstruct it.
+
+    Args:
+        model: A `transformers` causal LM (pruned in place).
+        tokenizer: Its tokenizer.
+        config: The pruning recipe.
+        model_id: Where the model came from (recorded in the model card).
+
+    Example:
+        ```python
+        >>> from optimum_recon import ReconPruner, PruningConfig
+        >>> pruner = ReconPruner.from_pretrained("HuggingFaceTB/SmolLM2-135M", config=PruningConfig(sparsity=0.5))
+        >>> report = pruner.prune()
+        >>> pruner.save_pretrained("smollm2-50")
+        ```
+    """
+
+    def __init__(self, model, tokenizer, config: PruningConfig | None = None, *, model_id: str | None = None,
+                 blocks_path: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config if config is not None else PruningConfig()
+        self.model_id = model_id
+        self.blocks_path = blocks_path
+        self.report: PruningReport | None = None
+        self._dense_perplexity: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str | None = None,
+        config: PruningConfig | None = None,
+        *,
+        dtype: Any = None,
+        device_map: Any = None,
+        max_memory: dict | None = None,
+        offload_folder: str | None = None,
+        blocks_path: str | None = None,
+        **model_kwargs: Any,
+    ) -> "ReconPruner":
+        """Load a model from the Hub or a local folder (the bundled SmolLM2-135M-Instruct when omitted).
+
+        `device_map`, `max_memory` and `offload_folder` are passed to `from_pretrained`.
+        """
+        config = config if config is not None else PruningConfig()
+        path = resolve_model_path(model_id_or_path)
+        for key, value in (("device_map", device_map), ("max_memory", max_memory), ("offload_folder", offload_folder)):
+            if value is not None:
+                model_kwargs[key] = value
+        model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, **model_kwargs)
+        model_id = DEFAULT_MODEL_NAME if model_id_or_path is None else str(model_id_or_path)
+        return cls(model, tokenizer, config, model_id=model_id, blocks_path=blocks_path)
+
+    def calibration_ids(self, data: Sequence[str] | torch.Tensor | None = None) -> torch.Tensor:
+        """Calibration windows (num_samples, seq_len): from ``config.calibration``, a list of texts, or ids."""
+        if isinstance(data, torch.Tensor):
+            return data
+        documents = list(data) if data is not None else None
+        return sample_calibration_windows(self.tokenizer, self.config.calibration, documents)
+
+    def prune(
+        self,
+        calibration_data: Sequence[str] | torch.Tensor | None = None,
+        *,
+        batch_size: int = 8,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ) -> PruningReport:
+        """Prune the model in place and return the `PruningReport`.
+
+        Args:
+            calibration_data: Texts to cut windows from, or token ids (N, T); default: ``config.calibration``.
+            batch_size: Calibration windows per forward pass.
+            device: Where each block runs (default: the GPU when there is one).
+            progress: Show progress bars.
+        """
+        if self.report is not None:
+            raise RuntimeError("this model is already pruned; load it again to prune with other settings.")
+        ids = self.calibration_ids(calibration_data)
+        self.report = prune_model(
+            self.model, self.config, ids, batch_size=batch_size, device=device, blocks_path=self.blocks_path,
+            progress=progress,
+        )
+        for name, value in self._dense_perplexity.items():
+            self.report.perplexity.setdefault(name, {})["dense"] = value
+        return self.report
+
+    def evaluate(
+        self,
+        datasets: str | Iterable[str] = ("wikitext2",),
+        *,
+        seq_len: int | None = None,
+        max_tokens: int | None = None,
+        batch_size: int = 1,
+        progress: bool = True,
+    ) -> dict[str, PerplexityResult]:
+        """Perplexity on each dataset; recorded as `dense` before `prune()` and as `pruned` after it."""
+        if isinstance(datasets, str):
+            datasets = [d for d in datasets.split(",") if d]
+        label = "pruned" if self.report is not None else "dense"
+        results = {}
+        for name in datasets:
+            result = evaluate_perplexity(
+                self.model, self.tokenizer, name, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                progress=progress,
+            )
+            results[name] = result
+            if self.report is None:
+                self._dense_perplexity[name] = result.perplexity
+            else:
+                self.report.perplexity.setdefault(name, {})[label] = result.perplexity
+        return results
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any):
+        """Save weights (safetensors, zeros kept), tokenizer, recipe, report and model card, atomically."""
+        from .hub.save import save_pruned_model
+
+        return save_pruned_model(
+            self.model, self.tokenizer, self.config, self.report, save_directory, base_model=self.model_id, **kwargs
+        )
