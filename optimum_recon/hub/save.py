@@ -28,6 +28,9 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise ValueError(f"{str(target)!r} is a file; pass a folder to save into.")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the saved model should not be
     try:
         yield tmp
         backup = None

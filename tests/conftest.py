@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny models of several architectures built from configs, a tiny tokenizer, local data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Architectures of the core test matrix: config kwargs small enough for milliseconds per forward.
+ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "opt", "gpt2")
+VOCAB = 128
+
+
+def make_tiny_model(arch: str, seed: int = 0, **overrides):
+    """A randomly initialised tiny causal LM of architecture ``arch`` (fp32, eval mode)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if arch == "llama":
+        config = tf.LlamaConfig(**common)
+    elif arch == "mistral":
+        config = tf.MistralConfig(**common, sliding_window=8)
+    elif arch == "qwen2":
+        config = tf.Qwen2Config(**{**common, "num_hidden_layers": 4}, use_sliding_window=True, sliding_window=8,
+                                max_window_layers=2)
+    elif arch == "gemma2":
+        config = tf.Gemma2Config(**common, head_dim=8, sliding_window=8)
+    elif arch == "gemma3":
+        config = tf.Gemma3TextConfig(**{**common, "num_hidden_layers": 4}, head_dim=8, sliding_window=8,
+                                     sliding_window_pattern=2)
+    elif arch == "opt":
+        config = tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+                              max_position_embeddings=128, word_embed_proj_dim=32)
+    elif arch == "gpt2":
+        config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                               bos_token_id=0, eos_token_id=0)
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def calib_ids():
+    torch.manual_seed(1)
+    return torch.randint(0, VOCAB, (12, 24))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A byte-level BPE tokenizer with VOCAB entries, trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=[])
+    text = ["the quick brown fox jumps over the lazy dog"] * 20
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    assert len(fast) <= VOCAB
+    return fast
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """A saved tiny Llama with a tokenizer, loadable with from_pretrained."""
+    model = make_tiny_model("llama")
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A local text file long enough for calibration and evaluation of the tiny tokenizer."""
+    import random
+
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over lazy dog a cat sat on mat".split()
+    lines = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(80)]
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"needs the shared test data at {SHARED_DATA} (present in CI)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Tests never reach the network: fail fast instead of retrying."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("OPTIMUM_RECON_DATA_DIR", raising=False)
