@@ -189,8 +189,15 @@ class PruningConfig:
         """Build a config from a dict, dropping (with a warning) keys this version does not know."""
         data = dict(data)
         data.pop("optimum_recon_version", None)
-        calibration = _known_fields(CalibrationConfig, data.pop("calibration", {}) or {}, "calibration.")
-        kwargs = _known_fields(cls, data, "")
+        calibration, unknown_calibration = _split_known(CalibrationConfig, data.pop("calibration", {}) or {})
+        kwargs, unknown = _split_known(cls, data)
+        unknown += [f"calibration.{key}" for key in unknown_calibration]
+        if unknown:
+            warnings.warn(
+                f"Ignoring {', '.join(unknown)} in {CONFIG_NAME}: written by a newer optimum-recon; upgrade to use "
+                "these settings.",
+                stacklevel=2,
+            )
         return cls(**kwargs, calibration=CalibrationConfig(**calibration))
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
@@ -225,16 +232,9 @@ def _check_choice(name: str, value: Any, allowed: Any) -> None:
         raise ValueError(f"{name}={value!r} is not valid: choose one of {', '.join(map(repr, allowed))}.")
 
 
-def _known_fields(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+def _split_known(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     known = {f.name for f in fields(cls) if f.name != "calibration"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        warnings.warn(
-            f"Ignoring {', '.join(prefix + k for k in unknown)} in {CONFIG_NAME}: it was written by a newer "
-            "optimum-recon; upgrade to use these settings.",
-            stacklevel=3,
-        )
-    return {k: v for k, v in data.items() if k in known}
+    return {k: v for k, v in data.items() if k in known}, sorted(set(data) - known)
 
 
 def field_help(cls: type, name: str) -> str:

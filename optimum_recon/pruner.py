@@ -10,6 +10,7 @@ import torch
 
 from .configuration import PruningConfig
 from .data.calibration import sample_calibration_windows
+from .data.sources import check_source
 from .data.default_model import DEFAULT_MODEL_NAME, default_model_path
 from .engine.sequential import prune_model
 from .evaluation import PerplexityResult, evaluate_perplexity
@@ -100,6 +101,7 @@ class ReconPruner:
         `device_map`, `max_memory` and `offload_folder` are passed to `from_pretrained`.
         """
         config = config if config is not None else PruningConfig()
+        check_source(config.calibration.source)  # fail before the (possibly long) model load
         path = resolve_model_path(model_id_or_path)
         for key, value in (("device_map", device_map), ("max_memory", max_memory), ("offload_folder", offload_folder)):
             if value is not None:

@@ -122,6 +122,17 @@ def _from_hub(kwargs: dict, text_column: str | None, label: str) -> list[str]:
     return _column(ds, text_column, label)
 
 
+def looks_local(source: str) -> bool:
+    """Whether ``source`` names a local file (by suffix or path prefix) rather than a dataset."""
+    return Path(source).suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~"))
+
+
+def check_source(source: str) -> None:
+    """Fail early (before loading a model) when ``source`` is clearly a local file that does not exist."""
+    if source not in _KNOWN and not os.path.exists(source) and looks_local(source):
+        raise DataSourceError(f"local data file {source!r} does not exist.")
+
+
 def load_documents(source: str, split: str = "train", text_column: str | None = None) -> list[str]:
     """The documents (rows) of ``source``: a known name, a local file or folder, or a Hub dataset id."""
     if os.path.exists(source):
@@ -144,8 +155,7 @@ def load_documents(source: str, split: str = "train", text_column: str | None = 
                 stacklevel=2,
             )
             return _read_local(str(BUNDLED_DIR / bundled), column)
-    if Path(source).suffix.lower() in LOCAL_SUFFIXES or source.startswith((".", "/", "~")):
-        raise DataSourceError(f"local data file {source!r} does not exist.")
+    check_source(source)
     return _from_hub(dict(path=source, split=split), text_column, source)
 
 

@@ -1,0 +1,70 @@
+"""The command line, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from optimum_recon import PruningConfig
+from optimum_recon.cli import main
+
+
+def test_prune_eval_and_recipe(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code = main(["prune", "--model", str(tiny_model_dir), "--sparsity", "0.5", "--pattern", "2:4", "--method", "wanda",
+                 "--reconstruction", "layer", "--propagation", "global", "--calibration", str(text_file),
+                 "--num-samples", "6", "--seq-len", "32", "--output", str(out), "--eval", str(text_file),
+                 "--eval-seq-len", "32", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "dense perplexity" in printed and "saved to" in printed
+    config = PruningConfig.from_pretrained(out)
+    assert (config.method, config.pattern, config.calibration.num_samples) == ("wanda", "2:4", 6)
+
+    assert main(["eval", "--model", str(out), "--dataset", str(text_file), "--eval-seq-len", "32", "--no-progress",
+                 "--json", str(tmp_path / "ppl.json")]) == 0
+    result = json.loads((tmp_path / "ppl.json").read_text())["results"][str(text_file)]
+    assert result["perplexity"] > 1 and result["seq_len"] == 32
+
+    # --recipe repeats the recipe; explicit flags win over it
+    again = tmp_path / "again"
+    assert main(["prune", "--model", str(tiny_model_dir), "--recipe", str(out), "--method", "magnitude",
+                 "--output", str(again), "--no-progress", "--calibration", str(text_file)]) == 0
+    repeated = PruningConfig.from_pretrained(again)
+    assert (repeated.method, repeated.pattern, repeated.calibration.seq_len) == ("magnitude", "2:4", 32)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sparsity", "1.5"], "sparsity=1.5 is not valid"),
+        (["--pattern", "3:2"], "pattern='3:2' is not valid"),
+        (["--method", "obs"], "method='obs' is not valid"),
+        (["--model", "./no/such/folder"], "model path './no/such/folder' does not exist"),
+        (["--calibration", "missing.jsonl"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_clear_line(argv, message, tiny_model_dir, capsys):
+    base = ["prune", "--model", str(tiny_model_dir), "--no-progress"]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("optimum-recon: error:") and message in err and "Traceback" not in err
+    assert "Loading weights" not in err  # reported before the model is loaded
+
+
+def test_optimum_cli_plugin_is_registered():
+    exe = shutil.which("optimum-cli")
+    if exe is None:
+        pytest.skip("optimum-cli is not on PATH")
+    result = subprocess.run([exe, "recon", "prune", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--reconstruction" in result.stdout and "--calibration" in result.stdout
+
+
+def test_console_script_version():
+    result = subprocess.run([sys.executable, "-m", "optimum_recon.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("optimum-recon ")

@@ -1,0 +1,89 @@
+"""ReconPruner end to end on a saved tiny model: prune, evaluate, save atomically, reload."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
+
+from optimum_recon import CalibrationConfig, PruningConfig, PruningReport, ReconPruner
+from optimum_recon.report import REPORT_NAME
+
+
+@pytest.fixture
+def pruned(tiny_model_dir, text_file):
+    config = PruningConfig(method="sparsegpt", pattern="2:4",
+                           calibration=CalibrationConfig(source=str(text_file), num_samples=8, seq_len=32))
+    pruner = ReconPruner.from_pretrained(str(tiny_model_dir), config=config)
+    pruner.evaluate(str(text_file), seq_len=32, progress=False)
+    pruner.prune(progress=False)
+    pruner.evaluate(str(text_file), seq_len=32, progress=False)
+    return pruner
+
+
+def test_save_reload_is_bit_identical_and_keeps_zeros(pruned, tmp_path):
+    out = pruned.save_pretrained(tmp_path / "out")
+    for name in ("model.safetensors", "config.json", "pruning_config.json", REPORT_NAME, "README.md",
+                 "tokenizer.json"):
+        assert (out / name).is_file(), name
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    state = pruned.model.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    down = reloaded.model.layers[0].mlp.down_proj.weight
+    assert int((down.reshape(down.shape[0], -1, 4) != 0).sum(-1).max()) <= 2
+    assert PruningConfig.from_pretrained(out) == pruned.config
+    report = PruningReport.load(out / REPORT_NAME)
+    assert report.final_error == pytest.approx(pruned.report.final_error)
+    assert set(report.perplexity[next(iter(report.perplexity))]) == {"dense", "pruned"}
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folders left
+
+
+def test_model_card_metadata(pruned, tmp_path):
+    out = pruned.save_pretrained(tmp_path / "out")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers"
+    assert {"optimum-recon", "pruned", "sparse", "sparsity-50", "2:4", "sparsegpt"} <= set(card.data.tags)
+    assert "Limitations" in card.text and "| wikitext2 |" not in card.text
+
+
+def test_failed_save_keeps_the_previous_model(pruned, tmp_path, monkeypatch):
+    out = pruned.save_pretrained(tmp_path / "out")
+    before = {p: (out / p).read_bytes() for p in os.listdir(out)}
+
+    def boom(*args, **kwargs):
+        raise OSError("simulated failure halfway through the save")
+
+    monkeypatch.setattr(pruned.tokenizer, "save_pretrained", boom)
+    with pytest.raises(OSError, match="simulated failure"):
+        pruned.save_pretrained(out)
+    assert {p: (out / p).read_bytes() for p in os.listdir(out)} == before
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_prune_twice_is_refused(pruned):
+    with pytest.raises(RuntimeError, match="already pruned"):
+        pruned.prune(progress=False)
+
+
+def test_missing_model_path_is_reported_before_loading(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ReconPruner.from_pretrained(str(tmp_path / "no-such-model"))
+
+
+def test_unreachable_hub_model_is_a_clear_error():
+    with pytest.raises(OSError, match="could not load model 'someone/not-here'"):
+        ReconPruner.from_pretrained("someone/not-here")
+
+
+def test_prune_from_a_list_of_texts(tiny_model_dir):
+    pruner = ReconPruner.from_pretrained(str(tiny_model_dir), config=PruningConfig(
+        method="wanda", calibration=CalibrationConfig(num_samples=4, seq_len=16)))
+    report = pruner.prune(["the quick brown fox jumps over the lazy dog " * 10] * 3, progress=False)
+    assert report.num_calibration_tokens == 64
+    assert report.config["method"] == "wanda"
+    json.dumps(report.to_dict())
