@@ -1,0 +1,144 @@
+"""Benchmark: layer-wise pruning (LR) of the bundled model with every mask method and pattern.
+
+What it measures, for SparseGPT / Wanda / magnitude at 50% unstructured and 2:4, LR with global
+propagation, 128 C4 windows of 512 tokens, seed 0:
+  * WikiText-2 test perplexity (first 65,536 tokens, windows of 1,024) of the dense and pruned model;
+  * wall time of the prune and the peak RSS of the process (each run is its own process);
+  * the engine's overhead: prune time / time of one full-model forward pass over the same calibration
+    tokens (the floor is about 3: statistics, pruned and dense propagation; the goal is at most 4).
+
+Usage (about an hour on 2 CPU cores; `--quick` runs a 2-minute smoke version):
+    python examples/benchmarks/core_lr.py [--data-dir ../shared/data] [--output results/core_lr.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE.parents[2] / "shared" / "data"
+
+
+def _env(args) -> dict:
+    env = dict(os.environ)
+    if args.data_dir:
+        env["OPTIMUM_RECON_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    env.setdefault("HF_HUB_OFFLINE", "1")  # use local data (or the bundled copies), never wait on the network
+    return env
+
+
+def run_dense(args) -> dict:
+    """Dense perplexity and the time of one full forward pass over the calibration tokens."""
+    import torch
+
+    from optimum_recon import ReconPruner
+
+    pruner = ReconPruner.from_pretrained(args.model, config=_config(args, "sparsegpt", "unstructured"))
+    ids = pruner.calibration_ids()
+    with torch.no_grad():
+        start = time.perf_counter()
+        for batch in ids.split(args.batch_size):
+            pruner.model(input_ids=batch, use_cache=False)
+        forward_seconds = time.perf_counter() - start
+    ppl = pruner.evaluate("wikitext2", seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, progress=False)
+    return {"forward_seconds": forward_seconds, "wikitext2": ppl["wikitext2"].perplexity,
+            "eval_tokens": ppl["wikitext2"].num_tokens}
+
+
+def _config(args, method: str, pattern: str):
+    from optimum_recon import CalibrationConfig, PruningConfig
+
+    return PruningConfig(sparsity=0.5, pattern=pattern, method=method, reconstruction="layer", propagation="global",
+                         calibration=CalibrationConfig(source="c4", num_samples=args.num_samples,
+                                                       seq_len=args.seq_len, seed=0))
+
+
+def run_one(args, method: str, pattern: str) -> dict:
+    from optimum_recon import ReconPruner
+
+    pruner = ReconPruner.from_pretrained(args.model, config=_config(args, method, pattern))
+    start = time.perf_counter()
+    report = pruner.prune(batch_size=args.batch_size, progress=False)
+    prune_seconds = time.perf_counter() - start
+    ppl = pruner.evaluate("wikitext2", seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, progress=False)
+    return {
+        "method": method, "pattern": pattern, "wikitext2": ppl["wikitext2"].perplexity,
+        "prune_seconds": prune_seconds, "engine_seconds": report.total_seconds, "peak_rss_mib": report.peak_rss_mib,
+        "final_error": report.final_error, "final_error_normalized": report.blocks[-1].error_normalized,
+        "sparsity": report.model_sparsity,
+    }
+
+
+def _child(args, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--child", *extra]
+    out = subprocess.run(cmd, env=_env(args), capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr[-4000:])
+        raise SystemExit(f"benchmark child {extra} failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict) -> str:
+    dense = results["dense"]
+    lines = [
+        f"dense WikiText-2 perplexity: {dense['wikitext2']:.3f}; one full forward pass over the calibration tokens: "
+        f"{dense['forward_seconds']:.1f} s",
+        "",
+        "| method | pattern | WikiText-2 ppl | final-block error (normalized) | prune time (s) | overhead (x forward) "
+        "| peak RSS (MiB) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results["runs"]:
+        lines.append(
+            f"| {r['method']} | {r['pattern']} | {r['wikitext2']:.3f} | {r['final_error']:.4g} "
+            f"({r['final_error_normalized']:.4g}) | {r['prune_seconds']:.1f} | "
+            f"{r['prune_seconds'] / dense['forward_seconds']:.2f} | {r['peak_rss_mib']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=65536)
+    parser.add_argument("--eval-seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--methods", default="sparsegpt,wanda,magnitude")
+    parser.add_argument("--patterns", default="unstructured,2:4")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of this script")
+    parser.add_argument("--output", default=str(HERE / "results" / "core_lr.json"))
+    parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.num_samples, args.seq_len, args.eval_tokens, args.eval_seq_len = 4, 64, 1024, 256
+    if args.child is not None:
+        result = run_dense(args) if args.child == ["dense"] else run_one(args, *args.child)
+        print(json.dumps(result))
+        return
+
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
+               "settings": {k: v for k, v in vars(args).items() if k not in ("child", "output")}, "runs": []}
+    results["dense"] = _child(args, "dense")
+    print(f"dense: {results['dense']}", flush=True)
+    for method in args.methods.split(","):
+        for pattern in args.patterns.split(","):
+            results["runs"].append(_child(args, method, pattern))
+            print(f"{method} {pattern}: {results['runs'][-1]}", flush=True)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
