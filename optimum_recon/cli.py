@@ -26,12 +26,21 @@ _RECIPE_FLAGS = {
     "ignore": (PruningConfig, "ignore", "list"),
     "dampening": (PruningConfig, "dampening", float),
     "block-size": (PruningConfig, "block_size", int),
+    "epochs": (PruningConfig, "epochs", int),
+    "lr": (PruningConfig, "lr", float),
+    "batch-size": (PruningConfig, "batch_size", int),
+    "adam-betas": (PruningConfig, "adam_betas", "pair"),
+    "weight-decay": (PruningConfig, "weight_decay", float),
+    "window": (PruningConfig, "window", int),
+    "train-dtype": (PruningConfig, "train_dtype", str),
+    "gradient-checkpointing": (PruningConfig, "gradient_checkpointing", "flag"),
     "calibration": (CalibrationConfig, "source", str),
     "num-samples": (CalibrationConfig, "num_samples", int),
     "seq-len": (CalibrationConfig, "seq_len", int),
     "seed": (CalibrationConfig, "seed", int),
     "text-column": (CalibrationConfig, "text_column", str),
     "calibration-split": (CalibrationConfig, "split", str),
+    "heldout-samples": (CalibrationConfig, "heldout_samples", int),
 }
 
 
@@ -65,13 +74,16 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"help": field_help(cls, name), "default": field_default(cls, name)}
         if kind == "list":
             kwargs.update(nargs="+")
+        elif kind == "pair":
+            kwargs.update(nargs=2, type=float)
+        elif kind == "flag":
+            kwargs.update(action=argparse.BooleanOptionalAction)
         else:
             kwargs["type"] = kind
         prune.add_argument(f"--{flag}", dest=name if cls is PruningConfig else f"calibration_{name}", **kwargs)
     prune.add_argument("--recipe", default=None, help="Start from the pruning_config.json of a folder or Hub repo; "
                        "flags given explicitly override it.")
     prune.add_argument("--output", default=None, help="Folder to save the pruned model into.")
-    prune.add_argument("--batch-size", type=int, default=8, help="Calibration windows per forward pass.")
     prune.add_argument("--device", default=None, help="Where blocks run (default: GPU if available, else CPU).")
     prune.add_argument("--blocks-path", default=None, help="Attribute path of the decoder blocks, e.g. model.layers.")
     _add_eval_flags(prune, "--eval", None, "Comma-separated datasets to evaluate before and after pruning "
@@ -130,7 +142,7 @@ def run_prune(args: argparse.Namespace) -> int:
     datasets = [d for d in (args.eval or "").split(",") if d]
     if datasets:
         pruner.evaluate(datasets, **_eval_kwargs(args))
-    report = pruner.prune(batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    report = pruner.prune(device=args.device, progress=not args.no_progress)
     if datasets:
         pruner.evaluate(datasets, **_eval_kwargs(args))
     print(report.summary())

@@ -63,6 +63,8 @@ class CalibrationConfig:
         seed: Seed for choosing documents and window offsets.
         text_column: Column holding the text (default: `text`, or the only string column).
         split: Dataset split for Hub datasets (default: `train`).
+        heldout_samples: Extra windows from the same source on which the reconstruction error is also
+            reported; they never influence masks or training.
     """
 
     source: str = _help("Calibration text: c4, wikitext2, ptb, a Hub dataset id or a local file/folder.", default="c4")
@@ -71,10 +73,14 @@ class CalibrationConfig:
     seed: int = _help("Seed for choosing documents and window offsets.", default=0)
     text_column: str | None = _help("Column holding the text (default: 'text').", default=None)
     split: str | None = _help("Dataset split for Hub datasets (default: 'train').", default=None)
+    heldout_samples: int = _help("Extra windows from the same source, never used for masks or training, on which "
+                                 "the reconstruction error is also reported (0: none).", default=0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ValueError(f"calibration source={self.source!r} is empty: name a dataset or a local file.")
+        if isinstance(self.heldout_samples, bool) or not isinstance(self.heldout_samples, int) or self.heldout_samples < 0:
+            raise ValueError(f"calibration heldout_samples={self.heldout_samples!r} is not valid: use an integer >= 0.")
         for name in ("num_samples", "seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -93,7 +99,8 @@ class PruningConfig:
         pattern: `"unstructured"` or `"N:M"` (at most N nonzeros in every M consecutive input weights).
         method: Mask method: `sparsegpt`, `wanda` or `magnitude`.
         reconstruction: `layer` (LR: the mask method alone; SparseGPT's update is its layer-wise
-            reconstruction).
+            reconstruction), `block` (BR: train each pruned block toward its target) or `cross_block`
+            (CR: train sliding windows of `window` consecutive blocks jointly).
         propagation: `global` (GP: targets are the dense model's own hidden states) or `local` (targets are
             the dense block applied to the pruned model's inputs).
         targets: Regular expressions matched (`re.search`) against linear-layer names inside a decoder
@@ -103,6 +110,14 @@ class PruningConfig:
             the block and the full module name (e.g. `model.layers.0.mlp`).
         dampening: SparseGPT: Hessian dampening as a fraction of its mean diagonal.
         block_size: SparseGPT: columns processed together (lazy batch updates).
+        epochs: BR/CR: passes over the calibration set per block (0: no training, i.e. LR).
+        lr: BR/CR: AdamW learning rate, decayed linearly to 0.
+        batch_size: Calibration windows per training step and per forward pass.
+        adam_betas: BR/CR: AdamW betas.
+        weight_decay: BR/CR: AdamW weight decay (0 keeps pruned weights trivially fixed).
+        window: CR: consecutive blocks trained jointly; windows slide by one block.
+        train_dtype: BR/CR: `float32`, or `bfloat16` / `float16` autocast (fp32 master weights).
+        gradient_checkpointing: BR/CR: recompute each block's sub-modules in the backward pass.
         calibration: The calibration data (`CalibrationConfig`).
 
     Example:
@@ -114,13 +129,21 @@ class PruningConfig:
     sparsity: float = _help("Fraction of weights pruned in each layer, in [0, 1); N:M fixes it to 1-N/M.", default=0.5)
     pattern: str = _help("'unstructured' or 'N:M' (e.g. '2:4').", default="unstructured")
     method: str = _help("Mask method: sparsegpt, wanda or magnitude.", default="sparsegpt")
-    reconstruction: str = _help("Reconstruction: layer (LR).", default="layer")
+    reconstruction: str = _help("Reconstruction: layer (LR), block (BR) or cross_block (CR).", default="block")
     propagation: str = _help("Targets: global (dense model's hidden states) or local (dense block on pruned inputs).",
                              default="global")
     targets: list[str] | None = _help("Regexes of linear layers (inside a block) to prune; default: all.", default=None)
     ignore: list[str] = _help("Regexes of linear layers to leave dense.", default_factory=list)
     dampening: float = _help("SparseGPT Hessian dampening, as a fraction of the mean diagonal.", default=0.01)
     block_size: int = _help("SparseGPT lazy-update block size (columns).", default=128)
+    epochs: int = _help("BR/CR: epochs over the calibration set per block (0: no training).", default=10)
+    lr: float = _help("BR/CR: AdamW learning rate (linear decay to 0, no warm-up).", default=2e-4)
+    batch_size: int = _help("Calibration windows per training step and per forward pass.", default=8)
+    adam_betas: tuple[float, float] = _help("BR/CR: AdamW betas.", default=(0.9, 0.95))
+    weight_decay: float = _help("BR/CR: AdamW weight decay.", default=0.0)
+    window: int = _help("CR: consecutive blocks trained jointly (windows slide by one block).", default=2)
+    train_dtype: str = _help("BR/CR: float32, or bfloat16/float16 autocast.", default="float32")
+    gradient_checkpointing: bool = _help("BR/CR: gradient checkpointing inside each block.", default=False)
     calibration: CalibrationConfig = _help("Calibration data.", default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
@@ -139,6 +162,22 @@ class PruningConfig:
             raise ValueError(f"block_size={self.block_size!r} is not valid: it must be a positive integer.")
         for name in ("targets", "ignore"):
             self._validate_regexes(name)
+        self._validate_training()
+
+    def _validate_training(self) -> None:
+        for name, low in (("epochs", 0), ("batch_size", 1), ("window", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} is not valid: it must be an integer >= {low}.")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} is not valid: the learning rate must be > 0 (e.g. 2e-4).")
+        betas = tuple(self.adam_betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"adam_betas={self.adam_betas!r} is not valid: two numbers in [0, 1), e.g. (0.9, 0.95).")
+        self.adam_betas = (float(betas[0]), float(betas[1]))
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay!r} is not valid: it must be >= 0.")
+        _check_choice("train_dtype", self.train_dtype, ("float32", "bfloat16", "float16"))
 
     def _validate_sparsity(self) -> None:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):

@@ -110,34 +110,35 @@ class ReconPruner:
         model_id = DEFAULT_MODEL_NAME if model_id_or_path is None else str(model_id_or_path)
         return cls(model, tokenizer, config, model_id=model_id, blocks_path=blocks_path)
 
-    def calibration_ids(self, data: Sequence[str] | torch.Tensor | None = None) -> torch.Tensor:
-        """Calibration windows (num_samples, seq_len): from ``config.calibration``, a list of texts, or ids."""
+    def calibration_ids(
+        self, data: Sequence[str] | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Calibration windows (num_samples, seq_len) and held-out windows (or None): from
+        ``config.calibration``, from a list of texts, or given as token ids (then without held-out windows)."""
         if isinstance(data, torch.Tensor):
-            return data
+            return data, None
         documents = list(data) if data is not None else None
-        return sample_calibration_windows(self.tokenizer, self.config.calibration, documents)
+        return sample_calibration_windows(self.tokenizer, self.config.calibration, documents, with_heldout=True)
 
     def prune(
         self,
         calibration_data: Sequence[str] | torch.Tensor | None = None,
         *,
-        batch_size: int = 8,
         device: torch.device | str | None = None,
         progress: bool = True,
     ) -> PruningReport:
-        """Prune the model in place and return the `PruningReport`.
+        """Prune (and reconstruct) the model in place and return the `PruningReport`.
 
         Args:
             calibration_data: Texts to cut windows from, or token ids (N, T); default: ``config.calibration``.
-            batch_size: Calibration windows per forward pass.
             device: Where each block runs (default: the GPU when there is one).
             progress: Show progress bars.
         """
         if self.report is not None:
             raise RuntimeError("this model is already pruned; load it again to prune with other settings.")
-        ids = self.calibration_ids(calibration_data)
+        ids, heldout = self.calibration_ids(calibration_data)
         self.report = prune_model(
-            self.model, self.config, ids, batch_size=batch_size, device=device, blocks_path=self.blocks_path,
+            self.model, self.config, ids, heldout_ids=heldout, device=device, blocks_path=self.blocks_path,
             progress=progress,
         )
         for name, value in self._dense_perplexity.items():

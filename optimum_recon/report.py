@@ -24,14 +24,33 @@ class LayerRecord:
 
 @dataclass
 class BlockRecord:
+    """One block's results. Errors are mean squared differences against the dense model's hidden states after
+    the block; ``*_normalized`` divides by their mean square; ``*_before`` is with masked, untrained weights."""
+
     index: int
-    error: float  # MSE between the pruned and the dense model's hidden states after this block
-    error_normalized: float  # error / mean square of the dense hidden states (comparable across blocks)
-    error_local: float | None  # MSE against the dense block applied to the pruned inputs
+    error: float  # calibration data, after reconstruction (the paper's metric)
+    error_normalized: float
+    error_local: float | None  # against the dense block applied to the pruned inputs (window of 1 only)
     sparsity: float  # fraction of zeros over this block's pruned linear layers
     seconds: float
     layers: list[LayerRecord] = field(default_factory=list)
-    reconstruction: dict[str, Any] = field(default_factory=dict)
+    reconstruction: dict[str, Any] = field(default_factory=dict)  # training windows and loss curves
+    error_before: float | None = None
+    error_before_normalized: float | None = None
+    heldout_error: float | None = None
+    heldout_error_normalized: float | None = None
+    heldout_error_before: float | None = None
+    heldout_error_before_normalized: float | None = None
+
+    def set_errors(self, split: str, after, before, local=None) -> None:
+        """Fill the fields of ``split`` ("calibration" or "heldout") from error meters."""
+        prefix = "" if split == "calibration" else "heldout_"
+        setattr(self, f"{prefix}error", after.mse)
+        setattr(self, f"{prefix}error_normalized", after.normalized)
+        setattr(self, f"{prefix}error_before", before.mse)
+        setattr(self, f"{prefix}error_before_normalized", before.normalized)
+        if split == "calibration" and local is not None:
+            self.error_local = local.mse
 
 
 def peak_rss_mib() -> float:

@@ -33,7 +33,8 @@ def test_bundled_model_prunes_and_reloads(tmp_path):
 
     results = {}
     for method in ("sparsegpt", "magnitude"):
-        config = PruningConfig(method=method, calibration=CalibrationConfig(num_samples=8, seq_len=128))
+        config = PruningConfig(method=method, reconstruction="layer",
+                               calibration=CalibrationConfig(num_samples=8, seq_len=128))
         pruner = ReconPruner.from_pretrained(config=config)
         assert pruner.model.config.num_hidden_layers == 30
         with pytest.warns(UserWarning, match="bundled"):

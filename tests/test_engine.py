@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_model
 from optimum_recon import PruningConfig, prune_model
 from optimum_recon.engine import capture_block_inputs
-from optimum_recon.engine.sequential import _BlockRunner
+from optimum_recon.engine.steps import BlockPasses
 from optimum_recon.modeling import find_blocks, find_linear_layers
 
 
@@ -41,10 +41,11 @@ def test_captured_inputs_reproduce_the_forward_pass(arch, calib_ids):
     batches = list(calib_ids.split(5))  # uneven last batch on purpose
     inputs = capture_block_inputs(model, blocks, batches)
     expected = [block_outputs(model, b) for b in batches]
+    passes = BlockPasses(inputs)
     for b, hidden in enumerate(inputs.hidden):
         x = hidden
         for i, block in enumerate(blocks):
-            x = _BlockRunner(block, inputs, i, torch.device("cpu"))(b, x)
+            x = passes.run(block, i, b, x, torch.device("cpu"))
             torch.testing.assert_close(x, expected[b][i], rtol=0, atol=1e-5)
 
 
@@ -52,7 +53,8 @@ def test_captured_inputs_reproduce_the_forward_pass(arch, calib_ids):
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_prune_matrix(arch, method, pattern, calib_ids):
     model = make_tiny_model(arch)
-    report = prune_model(model, PruningConfig(method=method, pattern=pattern), calib_ids, progress=False)
+    config = PruningConfig(method=method, pattern=pattern, reconstruction="layer")
+    report = prune_model(model, config, calib_ids, progress=False)
     _, blocks = find_blocks(model)
     assert len(report.blocks) == len(blocks)
     for block in blocks:
@@ -74,7 +76,8 @@ def test_recorded_errors_match_an_independent_computation(arch, calib_ids):
     applied to the pruned model's inputs. Both recomputed here from plain forward passes."""
     dense = make_tiny_model(arch)
     model = copy.deepcopy(dense)
-    report = prune_model(model, PruningConfig(method="wanda", propagation="local"), calib_ids, progress=False)
+    config = PruningConfig(method="wanda", propagation="local", reconstruction="layer")
+    report = prune_model(model, config, calib_ids, progress=False)
     dense_out = block_outputs(dense, calib_ids)
     pruned_out = block_outputs(model, calib_ids)
     _, dense_blocks = find_blocks(dense)
@@ -99,8 +102,8 @@ def test_recorded_errors_match_an_independent_computation(arch, calib_ids):
 
 def test_batch_size_does_not_change_the_result(calib_ids):
     a, b = make_tiny_model("llama"), make_tiny_model("llama")
-    ra = prune_model(a, PruningConfig(), calib_ids, batch_size=1, progress=False)
-    rb = prune_model(b, PruningConfig(), calib_ids, batch_size=12, progress=False)
+    ra = prune_model(a, PruningConfig(reconstruction="layer", batch_size=1), calib_ids, progress=False)
+    rb = prune_model(b, PruningConfig(reconstruction="layer", batch_size=12), calib_ids, progress=False)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa == 0, pb == 0)
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
@@ -109,8 +112,8 @@ def test_batch_size_does_not_change_the_result(calib_ids):
 
 def test_pruning_is_deterministic(calib_ids):
     a, b = make_tiny_model("qwen2"), make_tiny_model("qwen2")
-    prune_model(a, PruningConfig(), calib_ids, progress=False)
-    prune_model(b, PruningConfig(), calib_ids, progress=False)
+    prune_model(a, PruningConfig(reconstruction="layer"), calib_ids, progress=False)
+    prune_model(b, PruningConfig(reconstruction="layer"), calib_ids, progress=False)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
 
@@ -119,14 +122,15 @@ def test_sparsegpt_beats_magnitude_on_block_error(calib_ids):
     errors = {}
     for method in ("sparsegpt", "magnitude"):
         model = make_tiny_model("llama")
-        errors[method] = prune_model(model, PruningConfig(method=method), calib_ids, progress=False).final_error
+        config = PruningConfig(method=method, reconstruction="layer")
+        errors[method] = prune_model(model, config, calib_ids, progress=False).final_error
     assert errors["sparsegpt"] < errors["magnitude"]
 
 
 def test_targets_and_ignore_choose_the_layers(calib_ids):
     model = make_tiny_model("llama")
     dense = copy.deepcopy(model)
-    config = PruningConfig(method="magnitude", targets=[r"mlp\."], ignore=[r"layers\.1\."])
+    config = PruningConfig(method="magnitude", targets=[r"mlp\."], ignore=[r"layers\.1\."], reconstruction="layer")
     report = prune_model(model, config, calib_ids, progress=False)
     pruned_names = {layer.name for block in report.blocks for layer in block.layers}
     assert pruned_names == {f"model.layers.{i}.mlp.{p}_proj" for i in (0, 2) for p in ("gate", "up", "down")}

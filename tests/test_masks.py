@@ -171,7 +171,8 @@ def test_engine_warns_when_dampening_was_raised(monkeypatch):
     monkeypatch.setattr(sgpt, "inverse_hessian_factor", lambda H, d: (real(H, d)[0], d * 10))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prune_model(make_tiny_model("llama"), PruningConfig(), torch.randint(0, 100, (4, 16)), progress=False)
+        prune_model(make_tiny_model("llama"), PruningConfig(reconstruction="layer"), torch.randint(0, 100, (4, 16)),
+                    progress=False)
     assert any("not positive definite" in str(w.message) and "used 0.1" in str(w.message) for w in caught)
 
 

@@ -41,10 +41,10 @@ def run_dense(args) -> dict:
     from optimum_recon import ReconPruner
 
     pruner = ReconPruner.from_pretrained(args.model, config=_config(args, "sparsegpt", "unstructured"))
-    ids = pruner.calibration_ids()
+    ids, _ = pruner.calibration_ids()
     with torch.no_grad():
         start = time.perf_counter()
-        for batch in ids.split(args.batch_size):
+        for batch in ids.split(pruner.config.batch_size):
             pruner.model(input_ids=batch, use_cache=False)
         forward_seconds = time.perf_counter() - start
     ppl = pruner.evaluate("wikitext2", seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, progress=False)
@@ -56,6 +56,7 @@ def _config(args, method: str, pattern: str):
     from optimum_recon import CalibrationConfig, PruningConfig
 
     return PruningConfig(sparsity=0.5, pattern=pattern, method=method, reconstruction="layer", propagation="global",
+                         batch_size=args.batch_size,
                          calibration=CalibrationConfig(source="c4", num_samples=args.num_samples,
                                                        seq_len=args.seq_len, seed=0))
 
@@ -65,7 +66,7 @@ def run_one(args, method: str, pattern: str) -> dict:
 
     pruner = ReconPruner.from_pretrained(args.model, config=_config(args, method, pattern))
     start = time.perf_counter()
-    report = pruner.prune(batch_size=args.batch_size, progress=False)
+    report = pruner.prune(progress=False)
     prune_seconds = time.perf_counter() - start
     ppl = pruner.evaluate("wikitext2", seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, progress=False)
     return {
@@ -126,7 +127,9 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
+               "commit": commit,
                "settings": {k: v for k, v in vars(args).items() if k not in ("child", "output")}, "runs": []}
     results["dense"] = _child(args, "dense")
     print(f"dense: {results['dense']}", flush=True)

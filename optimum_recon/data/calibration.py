@@ -28,25 +28,15 @@ def _stream_windows(docs: list[str], tokenizer, num_samples: int, seq_len: int, 
     return torch.stack([ids[s : s + seq_len] for s in starts])
 
 
-def sample_calibration_windows(tokenizer, config: CalibrationConfig, documents: list[str] | None = None) -> torch.Tensor:
-    """Token ids of shape (num_samples, seq_len) drawn from ``config.source`` (or the given ``documents``).
-
-    Raises:
-        ValueError: when the text is shorter than ``seq_len`` in all.
-        DataSourceError: when the source cannot be loaded.
-    """
-    if documents is None:
-        documents = load_documents(config.source, config.split or "train", config.text_column)
-    docs = [d for d in documents if isinstance(d, str) and d.strip()]
-    if not docs:
-        raise ValueError(f"the calibration source {config.source!r} holds no text.")
-    rng = random.Random(config.seed)
-    seq_len, windows = config.seq_len, []
+def _crop_documents(tokenizer, docs: list[str], count: int, seq_len: int, rng: random.Random,
+                    candidates: list[int]) -> tuple[list[torch.Tensor], set[int]]:
+    """Random crops from random documents (with replacement) among ``candidates`` longer than ``seq_len``."""
+    windows, used = [], set()
     cache: dict[int, torch.Tensor] = {}
-    attempts, max_attempts = 0, max(1000, 50 * config.num_samples)
-    while len(windows) < config.num_samples and attempts < max_attempts:
+    attempts, max_attempts = 0, max(1000, 50 * count)
+    while candidates and len(windows) < count and attempts < max_attempts:
         attempts += 1
-        index = rng.randint(0, len(docs) - 1)
+        index = candidates[rng.randint(0, len(candidates) - 1)]
         if index not in cache:
             cache[index] = tokenizer(docs[index], return_tensors="pt").input_ids[0]
         ids = cache[index]
@@ -54,11 +44,52 @@ def sample_calibration_windows(tokenizer, config: CalibrationConfig, documents: 
             continue
         start = rng.randint(0, ids.numel() - seq_len - 1)
         windows.append(ids[start : start + seq_len])
-    if len(windows) == config.num_samples:
-        return torch.stack(windows)
+        used.add(index)
+    return windows, used
+
+
+def _windows(tokenizer, docs, count, seq_len, seed, candidates, source) -> tuple[torch.Tensor, set[int]]:
+    windows, used = _crop_documents(tokenizer, docs, count, seq_len, random.Random(seed), candidates)
+    if len(windows) == count:
+        return torch.stack(windows), used
     warnings.warn(
-        f"only {len(windows)} of {config.num_samples} windows found in documents of {config.source!r} longer than "
-        f"seq_len={seq_len} tokens; cutting all windows from the documents joined into one stream instead.",
-        stacklevel=2,
+        f"only {len(windows)} of {count} windows found in documents of {source!r} longer than seq_len={seq_len} "
+        "tokens; cutting all windows from the documents joined into one stream instead.",
+        stacklevel=3,
     )
-    return _stream_windows(docs, tokenizer, config.num_samples, seq_len, random.Random(config.seed), config.source)
+    return _stream_windows([docs[i] for i in candidates], tokenizer, count, seq_len, random.Random(seed), source), set(
+        candidates)
+
+
+def sample_calibration_windows(
+    tokenizer, config: CalibrationConfig, documents: list[str] | None = None, *, with_heldout: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids of shape (num_samples, seq_len) drawn from ``config.source`` (or the given ``documents``).
+
+    With ``with_heldout``, also returns ``config.heldout_samples`` windows (or None) drawn from documents that
+    no calibration window came from.
+
+    Raises:
+        ValueError: when the text is shorter than ``seq_len`` in all, or nothing is left for held-out windows.
+        DataSourceError: when the source cannot be loaded.
+    """
+    if documents is None:
+        documents = load_documents(config.source, config.split or "train", config.text_column)
+    docs = [d for d in documents if isinstance(d, str) and d.strip()]
+    if not docs:
+        raise ValueError(f"the calibration source {config.source!r} holds no text.")
+    calib, used = _windows(tokenizer, docs, config.num_samples, config.seq_len, config.seed, list(range(len(docs))),
+                           config.source)
+    if not with_heldout:
+        return calib
+    if config.heldout_samples == 0:
+        return calib, None
+    rest = [i for i in range(len(docs)) if i not in used]
+    if not rest:
+        raise ValueError(
+            f"no text of {config.source!r} is left for {config.heldout_samples} held-out windows: every document "
+            "was used for calibration. Use a larger source or fewer calibration samples."
+        )
+    heldout, _ = _windows(tokenizer, docs, config.heldout_samples, config.seq_len, config.seed + 1, rest,
+                          config.source)
+    return calib, heldout

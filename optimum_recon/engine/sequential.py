@@ -1,23 +1,28 @@
 """The block-sequential loop: the in-place core that prunes any model with discoverable blocks.
 
-For block i, with x_i the pruned model's input to the block and x̄_i the dense model's:
+Notation: x_d is the pruned model's hidden state entering block d, x̄_d the dense model's. Steps run
+over sliding windows of ``w`` consecutive blocks (``w = 1`` for LR and BR; ``config.window`` for CR):
+step i covers blocks [max(0, i) .. min(i + w - 1, L - 1)] for i = -(w - 1) .. L - 1, so for w = 2 the
+windows are [0], [0, 1], [1, 2], ..., [L-2, L-1], [L-1] (the paper's schedule). In each step:
 
-1. dense pass: x̄_{i+1} = g_i(w̄; x̄_i)                       (skipped while x_i is x̄_i: step 2 gives it)
-2. statistics pass: g_i(w̄; x_i) with hooks on the linear layers (the local target)
-3. choose masks and apply them (SparseGPT also updates the kept weights)
-4. reconstruct toward the target (``global``: x̄_{i+1}; ``local``: g_i(w̄; x_i))
-5. pruned pass: x_{i+1} = g_i(m ⊙ w; x_i), and the reconstruction error against x̄_{i+1}
+1. the window's last block e, if not yet pruned: statistics on its pruned-path input x_e (hooks on its
+   linear layers), the dense path x̄_{e+1} = g_e(w̄; x̄_e), then its masks (chosen once per block);
+2. reconstruction of the whole window from x_s toward the target: ``global`` (GP) x̄_{e+1}, ``local``
+   the dense window applied to x_s;
+3. blocks leaving the window are final: x_{s+1} = g_s(x_s), and their error against x̄_{s+1} is recorded
+   (before and after reconstruction, on calibration and held-out windows).
 
-so LR costs three forward passes per block (two for magnitude). Activations stay on the CPU; only the
-block being processed is on the execution device.
+LR therefore costs three forward passes per block (two for magnitude). Activations stay on the CPU;
+only the window's blocks are on the execution device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,56 +30,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..configuration import PruningConfig
-from ..masks import MaskMethod, get_mask_method
+from ..masks import get_mask_method
 from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers
 from ..modeling.offload import execution_device, onload
-from ..reconstruction import Reconstruction, get_reconstruction
-from ..report import BlockRecord, LayerRecord, PruningReport, peak_cuda_mib, peak_rss_mib
-from .capture import BlockInputs, _to_device, capture_block_inputs
+from ..reconstruction import WindowTask, get_reconstruction
+from ..report import BlockRecord, PruningReport, peak_cuda_mib, peak_rss_mib
+from .capture import BlockInputs, capture_block_inputs
+from .steps import BlockPasses, ErrorMeter, StatisticsHooks, apply_masks, param_masks
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _BlockRunner:
-    """Runs one block on one captured batch: moves inputs to the device, the output back to the CPU."""
-
-    block: nn.Module
-    inputs: BlockInputs
-    index: int
-    device: torch.device
-    _memo: dict[int, Any] = field(default_factory=dict)
-
-    def __call__(self, batch: int, hidden: torch.Tensor, keep_on_device: bool = False) -> torch.Tensor:
-        args = _to_device(self.inputs.args[self.index][batch], self.device, self._memo)
-        kwargs = _to_device(self.inputs.kwargs[self.index][batch], self.device, self._memo)
-        out = self.block(hidden.to(self.device, non_blocking=True), *args, **kwargs)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return out if keep_on_device else out.to("cpu")
-
-
-class _ErrorMeter:
-    """Accumulates sum((y - t)^2) and sum(t^2) in float64 over batches."""
-
-    def __init__(self) -> None:
-        self.sse = 0.0
-        self.target_sq = 0.0
-        self.count = 0
-
-    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        diff = output.double() - target.double()
-        self.sse += float(diff.pow(2).sum())
-        self.target_sq += float(target.double().pow(2).sum())
-        self.count += target.numel()
-
-    @property
-    def mse(self) -> float:
-        return self.sse / max(self.count, 1)
-
-    @property
-    def normalized(self) -> float:
-        return self.sse / self.target_sq if self.target_sq > 0 else 0.0
 
 
 def validate_layers(plan: list[list[LinearLayer]], config: PruningConfig, blocks_path: str) -> None:
@@ -97,103 +61,139 @@ def validate_layers(plan: list[list[LinearLayer]], config: PruningConfig, blocks
                 )
 
 
-def _collect_statistics(
-    layers: list[LinearLayer], method: MaskMethod, device: torch.device
-) -> tuple[dict[str, Any], list[Any]]:
-    stats: dict[str, Any] = {}
-    handles = []
-    if not method.needs_inputs:
-        return stats, handles
-    for layer in layers:
-        stats[layer.name] = method.new_statistics(layer.in_features, device)
+class _Split:
+    """One data split (calibration or held-out): captured arguments and activations by depth (CPU)."""
 
-        def hook(module, args, output, _acc=stats[layer.name]):
-            _acc.update(args[0].detach())
-
-        handles.append(layer.module.register_forward_hook(hook))
-    return stats, handles
+    def __init__(self, inputs: BlockInputs):
+        self.passes = BlockPasses(inputs)
+        self.sparse: dict[int, list[torch.Tensor]] = {0: inputs.hidden}
+        self.dense: dict[int, list[torch.Tensor]] = {0: inputs.hidden}  # the same list: x_0 == x̄_0
+        self.local: dict[int, list[torch.Tensor]] = {}
 
 
-def _apply_masks(
-    layers: list[LinearLayer], stats: dict[str, Any], method: MaskMethod, config: PruningConfig, block_name: str
-) -> tuple[dict[str, torch.Tensor], list[LayerRecord]]:
-    masks, records = {}, []
-    for layer in layers:
-        result = method.prune(
-            layer.weight,
-            stats.get(layer.name),
-            sparsity=config.sparsity,
-            nm=config.nm,
-            block_size=config.block_size,
-            dampening=config.dampening,
-        )
-        layer.set_weight(result.weight)
-        masks[layer.name] = result.mask
-        used = result.info.get("dampening")
-        if used is not None and used > config.dampening:
-            warnings.warn(
-                f"{block_name}.{layer.name}: the Hessian was not positive definite with dampening "
-                f"{config.dampening:g}; used {used:g} instead. Consider more calibration samples.",
-                stacklevel=2,
-            )
-        zeros = float((layer.weight == 0).float().mean())
-        records.append(LayerRecord(f"{block_name}.{layer.name}", tuple(layer.weight.shape), zeros, used))
-    return masks, records
+class _Run:
+    """State of one prune: the schedule, the current masks and the activations in flight."""
+
+    def __init__(self, model, blocks, path, plan, config, calib: BlockInputs, heldout: BlockInputs | None, device):
+        self.model, self.blocks, self.path, self.plan, self.config = model, blocks, path, plan, config
+        self.method = get_mask_method(config.method)
+        self.reconstruction = get_reconstruction(config.reconstruction)
+        self.trains = self.reconstruction.trains and config.epochs > 0
+        self.window = min(self.reconstruction.window_size(config), len(blocks))
+        self.calib, self.heldout = _Split(calib), (_Split(heldout) if heldout is not None else None)
+        self.requested_device = device
+        self.masks: dict[int, dict[str, torch.Tensor]] = {}
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # masked, untrained weights (for "before")
+        self.dense_copies: dict[int, nn.Module] = {}
+        self.layer_records: dict[int, list] = {}
+        self.train_info: dict[int, list[dict[str, Any]]] = {}
+        self.started: dict[int, float] = {}
+
+    def splits(self) -> list[_Split]:
+        return [self.calib] + ([self.heldout] if self.heldout is not None else [])
+
+    # --- step 1: prune the window's new block -----------------------------------------------------------
+    def prune_block(self, s: int, e: int, device: torch.device) -> None:
+        self.started.setdefault(e, time.perf_counter())
+        block, layers = self.blocks[e], self.plan[e]
+        with StatisticsHooks(layers, self.method, device) as hooks:
+            for split in self.splits():
+                same = s == e and split.sparse[s] is split.dense[e]
+                keep_local = same or (self.window == 1 and self.config.propagation == "local")
+                hooks.active = split is self.calib  # held-out windows never influence the masks
+                outputs = []
+                if (hooks.active and hooks.needed) or keep_local:
+                    for b, x in enumerate(split.sparse[s]):
+                        x = split.passes.chain([self.blocks[j] for j in range(s, e)], s, b, x, device)
+                        outputs.append(split.passes.run(block, e, b, x, device))
+                if keep_local and self.window == 1:
+                    split.local[e] = outputs
+                split.dense[e + 1] = outputs if same else split.passes.map(block, e, split.dense[e], device)
+        stats = hooks.stats
+        if self.config.propagation == "local" and self.window > 1 and self.trains:
+            self.dense_copies[e] = copy.deepcopy(block).to("cpu")
+        self.masks[e], self.layer_records[e] = apply_masks(layers, stats, self.method, self.config,
+                                                           f"{self.path}.{e}")
+        if self.trains:
+            self.snapshots[e] = {k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()}
+
+    # --- step 2: reconstruct the window -------------------------------------------------------------------
+    def reconstruct(self, s: int, e: int, step: int, device: torch.device) -> None:
+        calib = self.calib
+        inputs = torch.cat(calib.sparse[s])
+        if self.config.propagation == "global":
+            targets = torch.cat(calib.dense[e + 1])
+        elif self.window == 1:
+            targets = torch.cat(calib.local[s])
+        else:
+            copies = [self.dense_copies[j].to(device) for j in range(s, e + 1)]
+            targets = torch.cat([calib.passes.chain(copies, s, b, x, device) for b, x in enumerate(calib.sparse[s])])
+            for c in copies:
+                c.to("cpu")
+        window = [self.blocks[j] for j in range(s, e + 1)]
+        masks = {}
+        for j in range(s, e + 1):
+            masks.update(param_masks(self.plan[j], self.masks[j]))
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return calib.passes.chain_batch(window, s, x, device)
+
+        task = WindowTask(window, forward, inputs, targets, masks, device, seed=self.config.calibration.seed + step)
+        info = self.reconstruction.reconstruct(task, self.config)
+        info["window"] = [s, e]
+        for j in range(s, e + 1):
+            self.train_info.setdefault(j, []).append(info)
+
+    # --- step 3: finalize a block leaving the window ------------------------------------------------------
+    def finalize(self, s: int, device: torch.device) -> BlockRecord:
+        block = self.blocks[s]
+        record = BlockRecord(index=s, error=0.0, error_normalized=0.0, error_local=None, sparsity=0.0, seconds=0.0,
+                             layers=self.layer_records.pop(s), reconstruction={"windows": self.train_info.pop(s, [])})
+        for split in self.splits():
+            meter, local_meter = ErrorMeter(), ErrorMeter()
+            outputs = []
+            for b, x in enumerate(split.sparse[s]):
+                y = split.passes.run(block, s, b, x, device)
+                meter.update(y, split.dense[s + 1][b])
+                if s in split.local:
+                    local_meter.update(y, split.local[s][b])
+                outputs.append(y)
+            before = self._error_before(split, s, device) if s in self.snapshots else meter
+            record.set_errors("heldout" if split is self.heldout else "calibration", meter, before,
+                              local_meter if s in split.local else None)
+            split.sparse[s + 1] = outputs
+            for store in (split.sparse, split.dense, split.local):
+                store.pop(s, None)
+        self.snapshots.pop(s, None)
+        self.masks.pop(s, None)
+        self.dense_copies.pop(s, None)
+        numel = sum(r.shape[0] * r.shape[1] for r in record.layers)
+        record.sparsity = sum(r.sparsity * r.shape[0] * r.shape[1] for r in record.layers) / max(numel, 1)
+        record.seconds = time.perf_counter() - self.started.pop(s)
+        return record
+
+    def _error_before(self, split: _Split, s: int, device: torch.device) -> ErrorMeter:
+        """The error with the masked but untrained weights (swapped in temporarily)."""
+        block = self.blocks[s]
+        trained = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        block.load_state_dict(self.snapshots[s])
+        meter = ErrorMeter()
+        try:
+            for b, x in enumerate(split.sparse[s]):
+                meter.update(split.passes.run(block, s, b, x, device), split.dense[s + 1][b])
+        finally:
+            block.load_state_dict(trained)
+        return meter
 
 
-@torch.no_grad()
-def _process_block(
-    runner: _BlockRunner,
-    layers: list[LinearLayer],
-    sparse: list[torch.Tensor],
-    dense: list[torch.Tensor],
-    method: MaskMethod,
-    reconstruction: Reconstruction,
-    config: PruningConfig,
-    block_name: str,
-) -> tuple[BlockRecord, list[torch.Tensor], list[torch.Tensor]]:
-    start = time.perf_counter()
-    same_inputs = dense is sparse  # nothing pruned upstream yet: x_i == x̄_i
-    need_local = config.propagation == "local" or same_inputs
-    stats, handles = _collect_statistics(layers, method, runner.device)
-    local_out: list[torch.Tensor] = []
-    try:
-        if handles or need_local:
-            for b, x in enumerate(sparse):
-                out = runner(b, x)
-                if need_local:
-                    local_out.append(out)
-    finally:
-        for handle in handles:
-            handle.remove()
-    dense_out = local_out if same_inputs else [runner(b, x) for b, x in enumerate(dense)]
-
-    masks, layer_records = _apply_masks(layers, stats, method, config, block_name)
-    del stats
-    targets = dense_out if config.propagation == "global" else local_out
-    with torch.enable_grad():
-        recon_info = reconstruction.reconstruct(runner.block, masks, runner, sparse, targets)
-
-    meter, local_meter = _ErrorMeter(), _ErrorMeter()
-    new_sparse = []
-    for b, x in enumerate(sparse):
-        y = runner(b, x)
-        meter.update(y, dense_out[b])
-        if local_out:
-            local_meter.update(y, local_out[b])
-        new_sparse.append(y)
-    numel = sum(r.shape[0] * r.shape[1] for r in layer_records)
-    record = BlockRecord(
-        index=runner.index,
-        error=meter.mse,
-        error_normalized=meter.normalized,
-        error_local=local_meter.mse if local_out else None,
-        sparsity=sum(r.sparsity * r.shape[0] * r.shape[1] for r in layer_records) / max(numel, 1),
-        seconds=time.perf_counter() - start,
-        layers=layer_records,
-        reconstruction=recon_info,
-    )
-    return record, new_sparse, dense_out
+def _check_sizes(config: PruningConfig, num_blocks: int, num_samples: int) -> None:
+    reconstruction = get_reconstruction(config.reconstruction)
+    if reconstruction.window_size(config) > num_blocks:
+        warnings.warn(f"window={config.window} is larger than the model's {num_blocks} blocks; using {num_blocks}.",
+                      stacklevel=3)
+    if reconstruction.trains and config.epochs > 0 and config.batch_size > num_samples:
+        warnings.warn(f"batch_size={config.batch_size} is larger than the {num_samples} calibration windows; each "
+                      "training step uses all of them.", stacklevel=3)
 
 
 def prune_model(
@@ -201,65 +201,84 @@ def prune_model(
     config: PruningConfig,
     input_ids: torch.Tensor,
     *,
-    batch_size: int = 8,
+    heldout_ids: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     blocks_path: str | None = None,
     progress: bool = True,
 ) -> PruningReport:
-    """Prune ``model`` in place, block by block, on the calibration windows ``input_ids`` (N, T).
+    """Prune (and reconstruct) ``model`` in place, block by block, on the calibration windows ``input_ids``.
 
     Args:
         model: A causal LM whose decoder blocks can be found (see `optimum_recon.modeling.find_blocks`).
-        config: What to prune and how.
-        input_ids: Calibration token ids, one window per row.
-        batch_size: Windows per forward pass (memory vs speed; results do not depend on it beyond
-            floating-point summation order).
+        config: What to prune and how; ``config.batch_size`` windows go through each forward pass.
+        input_ids: Calibration token ids (num_samples, seq_len), unpadded.
+        heldout_ids: Optional held-out windows: propagated and measured, never used for masks or training.
         device: Where blocks run; default: accelerate's choice, the block's GPU, else any GPU, else CPU.
         blocks_path: Attribute path of the decoder-block ``ModuleList`` when it cannot be discovered.
         progress: Show a progress bar.
 
     Returns:
-        A `PruningReport` with per-block errors and sparsity.
+        A `PruningReport` with per-block errors, sparsity and training curves.
     """
-    if input_ids.ndim != 2 or input_ids.shape[0] == 0:
-        raise ValueError(f"input_ids must be (num_samples, seq_len), got shape {tuple(input_ids.shape)}.")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+    for name, ids in (("input_ids", input_ids), ("heldout_ids", heldout_ids)):
+        if ids is not None and (ids.ndim != 2 or ids.shape[0] == 0):
+            raise ValueError(f"{name} must be (num_samples, seq_len), got shape {tuple(ids.shape)}.")
     start = time.perf_counter()
-    method = get_mask_method(config.method)
-    reconstruction = get_reconstruction(config.reconstruction)
     path, blocks = find_blocks(model, blocks_path)
     plan = [find_linear_layers(b, config.targets, config.ignore, f"{path}.{i}") for i, b in enumerate(blocks)]
     validate_layers(plan, config, path)
+    _check_sizes(config, len(blocks), input_ids.shape[0])
 
     was_training = model.training
     model.eval()
-    batches = list(input_ids.split(batch_size))
-    inputs = capture_block_inputs(model, blocks, batches)
-    sparse = dense = inputs.hidden
-    report = PruningReport(config=config.to_dict(), num_calibration_tokens=int(input_ids.numel()))
-    bar = tqdm(total=len(blocks), desc="Pruning blocks", unit="block", disable=not progress)
     try:
-        for i, block in enumerate(blocks):
-            with onload(block, execution_device(block, device)) as dev:
-                runner = _BlockRunner(block, inputs, i, dev)
-                record, sparse, dense = _process_block(
-                    runner, plan[i], sparse, dense, method, reconstruction, config, f"{path}.{i}"
-                )
-            report.blocks.append(record)
-            report.environment["device"] = str(dev)
-            logger.info("block %d/%d: error %.4g (normalized %.4g)", i + 1, len(blocks), record.error,
-                        record.error_normalized)
-            bar.set_postfix(error=f"{record.error:.3g}", norm=f"{record.error_normalized:.3g}")
-            bar.update(1)
+        calib = capture_block_inputs(model, blocks, list(input_ids.split(config.batch_size)))
+        heldout = None if heldout_ids is None else capture_block_inputs(
+            model, blocks, list(heldout_ids.split(config.batch_size)))
+        run = _Run(model, blocks, path, plan, config, calib, heldout, device)
+        report = PruningReport(config=config.to_dict(), num_calibration_tokens=int(input_ids.numel()))
+        _loop(run, report, progress)
     finally:
-        bar.close()
         model.train(was_training)
     _finish_report(report, start)
     return report
 
 
+@torch.no_grad()
+def _loop(run: _Run, report: PruningReport, progress: bool) -> None:
+    num_blocks, w = len(run.blocks), run.window
+    pruned: set[int] = set()
+    bar = tqdm(total=num_blocks, desc="Pruning blocks", unit="block", disable=not progress)
+    try:
+        for i in range(-(w - 1), num_blocks):
+            s, e = max(0, i), min(i + w - 1, num_blocks - 1)
+            next_start = max(0, i + 1) if i + 1 < num_blocks else num_blocks
+            with contextlib.ExitStack() as stack:
+                dev = None
+                for j in range(s, e + 1):
+                    block = run.blocks[j]
+                    dev = stack.enter_context(onload(block, execution_device(block, run.requested_device)))
+                if e not in pruned:
+                    run.prune_block(s, e, dev)
+                    pruned.add(e)
+                if run.trains:
+                    bar.set_description(f"Reconstructing blocks {s}-{e}" if e > s else f"Reconstructing block {s}")
+                    run.reconstruct(s, e, i, dev)
+                for j in range(s, next_start):
+                    record = run.finalize(j, dev)
+                    report.blocks.append(record)
+                    report.environment["device"] = str(dev)
+                    logger.info("block %d/%d: error %.4g (normalized %.4g)", j + 1, num_blocks, record.error,
+                                record.error_normalized)
+                    bar.set_postfix(error=f"{record.error:.3g}", norm=f"{record.error_normalized:.3g}")
+                    bar.update(1)
+    finally:
+        bar.close()
+
+
 def _finish_report(report: PruningReport, start: float) -> None:
+    import transformers
+
     layers = [layer for block in report.blocks for layer in block.layers]
     total = sum(layer.shape[0] * layer.shape[1] for layer in layers)
     zeros = sum(layer.sparsity * layer.shape[0] * layer.shape[1] for layer in layers)
@@ -268,6 +287,4 @@ def _finish_report(report: PruningReport, start: float) -> None:
     report.total_seconds = time.perf_counter() - start
     report.peak_rss_mib = peak_rss_mib()
     report.peak_cuda_mib = peak_cuda_mib()
-    import transformers
-
     report.environment.update(torch=torch.__version__, transformers=transformers.__version__)

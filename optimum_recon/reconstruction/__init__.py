@@ -1,13 +1,15 @@
 """Reconstruction strategies, looked up by name.
 
-A strategy runs after the masks of a block are chosen and may adjust the block's remaining weights so
-that its output matches the target hidden states. `layer` (LR) does nothing beyond the mask method
-itself (SparseGPT's weight update *is* its layer-wise reconstruction).
+A strategy runs after the masks of a block are chosen and may adjust the remaining weights so that the
+output matches the target hidden states. `layer` (LR) does nothing beyond the mask method itself
+(SparseGPT's weight update *is* its layer-wise reconstruction); `block` (BR) trains each block alone;
+`cross_block` (CR) trains sliding windows of `window` consecutive blocks jointly.
 """
 
 from __future__ import annotations
 
-from .base import LayerReconstruction, Reconstruction
+from .base import LayerReconstruction, Reconstruction, WindowTask
+from .training import BlockReconstruction, CrossBlockReconstruction, train_window
 
 RECONSTRUCTIONS: dict[str, type[Reconstruction]] = {}
 
@@ -32,6 +34,17 @@ def get_reconstruction(name: str) -> Reconstruction:
         ) from None
 
 
-register_reconstruction(LayerReconstruction)
+for _cls in (LayerReconstruction, BlockReconstruction, CrossBlockReconstruction):
+    register_reconstruction(_cls)
 
-__all__ = ["RECONSTRUCTIONS", "LayerReconstruction", "Reconstruction", "get_reconstruction", "register_reconstruction"]
+__all__ = [
+    "RECONSTRUCTIONS",
+    "BlockReconstruction",
+    "CrossBlockReconstruction",
+    "LayerReconstruction",
+    "Reconstruction",
+    "WindowTask",
+    "get_reconstruction",
+    "register_reconstruction",
+    "train_window",
+]

@@ -3,38 +3,58 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..configuration import PruningConfig
+
+
+@dataclass
+class WindowTask:
+    """One reconstruction problem: a window of consecutive blocks, its data and its masks.
+
+    ``forward(x)`` runs the window's blocks in order on a batch ``x`` (B, T, H) already on ``device`` and
+    returns the output on the device (with autograd when enabled). ``inputs`` and ``targets`` are
+    (N, T, H) CPU tensors: the pruned model's inputs to the window and the outputs it should produce.
+    ``masks`` maps each pruned weight parameter to its keep-mask in the parameter's own layout.
+    """
+
+    blocks: list[nn.Module]
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    masks: dict[nn.Parameter, torch.Tensor]
+    device: torch.device
+    seed: int
 
 
 class Reconstruction(ABC):
-    """Adjusts a pruned block's weights so that its outputs match the targets.
+    """Adjusts a pruned window of blocks so that its outputs match the targets.
 
-    ``run_block(batch_index, hidden_states)`` runs the block on one batch with the right keyword
-    arguments; ``inputs`` and ``targets`` are per-batch CPU tensors (the pruned model's inputs to the
-    block and the outputs it should produce). Returns a dict of what to record (e.g. loss curves).
+    ``window_size(config)`` says how many consecutive blocks are trained together (1: block-wise);
+    ``trains`` whether anything is trained at all (LR trains nothing).
     """
 
     name: ClassVar[str]
+    trains: ClassVar[bool] = True
+
+    def window_size(self, config: "PruningConfig") -> int:
+        return 1
 
     @abstractmethod
-    def reconstruct(
-        self,
-        block: torch.nn.Module,
-        keep_masks: dict[str, torch.Tensor],
-        run_block: Callable[[int, torch.Tensor], torch.Tensor],
-        inputs: Sequence[torch.Tensor],
-        targets: Sequence[torch.Tensor],
-        **options: Any,
-    ) -> dict[str, Any]:
-        ...
+    def reconstruct(self, task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
+        """Train the window in place; return what to record (e.g. the loss per epoch)."""
 
 
 class LayerReconstruction(Reconstruction):
     """LR: the mask method alone; nothing is trained."""
 
     name = "layer"
+    trains = False
 
-    def reconstruct(self, block, keep_masks, run_block, inputs, targets, **options):
+    def reconstruct(self, task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
         return {}

@@ -1,0 +1,154 @@
+"""The pieces of one engine step: running blocks on captured batches, statistics hooks, masks, errors."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..configuration import PruningConfig
+from ..masks import MaskMethod
+from ..modeling.blocks import LinearLayer
+from ..report import LayerRecord
+from .capture import BlockInputs, _to_device
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class BlockPasses:
+    """Runs blocks on captured batches with the arguments each block received during capture.
+
+    Calibration windows are unpadded and of equal length, so a block's arguments depend only on the batch
+    size: a training batch of any B samples reuses those of a captured batch of size B.
+    """
+
+    def __init__(self, inputs: BlockInputs):
+        self.inputs = inputs
+        self._moved: dict[tuple[int, str], Any] = {}
+
+    def _arguments(self, index: int, batch: int, device: torch.device) -> tuple[tuple, dict]:
+        memo: dict[int, Any] = self._moved.setdefault((id(self), str(device)), {})
+        args = _to_device(self.inputs.args[index][batch], device, memo)
+        kwargs = _to_device(self.inputs.kwargs[index][batch], device, memo)
+        return args, kwargs
+
+    def release(self) -> None:
+        """Forget device copies of the arguments (called when a window leaves the device)."""
+        self._moved.clear()
+
+    def run(self, block: nn.Module, index: int, batch: int, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Block ``index`` on captured batch ``batch`` with input ``x`` (CPU); the output on the CPU."""
+        args, kwargs = self._arguments(index, batch, device)
+        return _first(block(x.to(device, non_blocking=True), *args, **kwargs)).to("cpu")
+
+    def map(self, block: nn.Module, index: int, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
+        return [self.run(block, index, b, x, device) for b, x in enumerate(batches)]
+
+    def chain(self, modules: list[nn.Module], first: int, batch: int, x: torch.Tensor, device) -> torch.Tensor:
+        """Run ``modules`` (blocks ``first``, ``first + 1``, ...) one after the other; CPU in, CPU out."""
+        for offset, module in enumerate(modules):
+            x = self.run(module, first + offset, batch, x, device)
+        return x
+
+    def chain_batch(self, modules: list[nn.Module], first: int, x: torch.Tensor, device) -> torch.Tensor:
+        """Like `chain` for a batch already on ``device`` of any captured batch size; keeps autograd."""
+        batch = self._batch_of_size(x.shape[0])
+        for offset, module in enumerate(modules):
+            args, kwargs = self._arguments(first + offset, batch, device)
+            x = _first(module(x, *args, **kwargs))
+        return x
+
+    def _batch_of_size(self, size: int) -> int:
+        for b, hidden in enumerate(self.inputs.hidden):
+            if hidden.shape[0] == size:
+                return b
+        raise ValueError(f"no captured batch of size {size}; sizes: {[h.shape[0] for h in self.inputs.hidden]}")
+
+
+class ErrorMeter:
+    """Accumulates sum((y - t)^2) and sum(t^2) in float64 over batches."""
+
+    def __init__(self) -> None:
+        self.sse = 0.0
+        self.target_sq = 0.0
+        self.count = 0
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        diff = output.double() - target.double()
+        self.sse += float(diff.pow(2).sum())
+        self.target_sq += float(target.double().pow(2).sum())
+        self.count += target.numel()
+
+    @property
+    def mse(self) -> float:
+        return self.sse / max(self.count, 1)
+
+    @property
+    def normalized(self) -> float:
+        return self.sse / self.target_sq if self.target_sq > 0 else 0.0
+
+
+class StatisticsHooks:
+    """Forward hooks feeding each linear layer's inputs to its mask method's accumulator while ``active``."""
+
+    def __init__(self, layers: list[LinearLayer], method: MaskMethod, device: torch.device):
+        self.layers, self.method, self.device = layers, method, device
+        self.needed = method.needs_inputs
+        self.active = True
+        self.stats: dict[str, Any] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "StatisticsHooks":
+        if not self.needed:
+            return self
+        for layer in self.layers:
+            accumulator = self.method.new_statistics(layer.in_features, self.device)
+            self.stats[layer.name] = accumulator
+
+            def hook(module, args, output, _acc=accumulator):
+                if self.active:
+                    _acc.update(args[0].detach())
+
+            self._handles.append(layer.module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def apply_masks(
+    layers: list[LinearLayer], stats: dict[str, Any], method: MaskMethod, config: PruningConfig, block_name: str
+) -> tuple[dict[str, torch.Tensor], list[LayerRecord]]:
+    """Choose and apply every layer's mask; return the keep-masks (out, in) and per-layer records."""
+    masks, records = {}, []
+    for layer in layers:
+        result = method.prune(layer.weight, stats.get(layer.name), sparsity=config.sparsity, nm=config.nm,
+                              block_size=config.block_size, dampening=config.dampening)
+        layer.set_weight(result.weight)
+        masks[layer.name] = result.mask
+        used = result.info.get("dampening")
+        if used is not None and used > config.dampening:
+            warnings.warn(
+                f"{block_name}.{layer.name}: the Hessian was not positive definite with dampening "
+                f"{config.dampening:g}; used {used:g} instead. Consider more calibration samples.",
+                stacklevel=2,
+            )
+        zeros = float((layer.weight == 0).float().mean())
+        records.append(LayerRecord(f"{block_name}.{layer.name}", tuple(layer.weight.shape), zeros, used))
+    return masks, records
+
+
+def param_masks(layers: list[LinearLayer], masks: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
+    """Keep-masks keyed by weight parameter, in the parameter's own layout (Conv1D is (in, out))."""
+    out = {}
+    for layer in layers:
+        mask = masks[layer.name]
+        weight = layer.module.weight
+        out[weight] = (mask.t() if layer.transposed else mask).to(weight.device)
+    return out

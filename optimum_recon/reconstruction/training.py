@@ -1,0 +1,141 @@
+"""BR and CR: train the remaining weights of a pruned window of blocks toward its target outputs.
+
+Every parameter of the window is trained (linear weights, norm weights, biases) with AdamW and a linear
+decay of the learning rate to zero, minimizing the mean squared error of the window's output (the
+paper's settings: lr 2e-4, betas (0.9, 0.95), no weight decay, batch 8, 10 epochs, no clipping). Masks
+stay fixed: gradients of pruned weights are zeroed and the weights are multiplied by their mask after
+every step, so they are exactly zero throughout and N:M groups stay valid. The optimizer state exists
+only while the window is trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .base import Reconstruction, WindowTask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..configuration import PruningConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def checkpointed_children(blocks: list[nn.Module]) -> Iterator[None]:
+    """Recompute each block's sub-modules (attention, MLP, ...) in the backward pass instead of storing
+    their activations: gradient checkpointing *inside* a block."""
+    patched = []
+    for block in blocks:
+        for child in block.children():
+            if not any(p.requires_grad for p in child.parameters()):
+                continue
+            own = child.__dict__.get("forward")  # an instance-level forward (accelerate hooks set one)
+            original = child.forward
+
+            def forward(*args, _original=original, **kwargs):
+                return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+            child.forward = forward
+            patched.append((child, own))
+    try:
+        yield
+    finally:
+        for child, own in patched:
+            if own is None:
+                del child.forward
+            else:
+                child.forward = own
+
+
+def _mask_gradient(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return grad * mask
+
+
+@contextlib.contextmanager
+def _trainable(task: WindowTask) -> Iterator[list[nn.Parameter]]:
+    params = [p for block in task.blocks for p in block.parameters()]
+    flags = [p.requires_grad for p in params]
+    handles = []
+    for p in params:
+        p.requires_grad_(True)
+    for param, mask in task.masks.items():
+        handles.append(param.register_hook(functools.partial(_mask_gradient, mask=mask.to(param.dtype))))
+    try:
+        yield params
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def _batches(num_samples: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled sample indices in batches of ``batch_size``; the incomplete last batch is dropped."""
+    order = torch.randperm(num_samples, generator=generator)
+    if num_samples < batch_size:
+        return [order]
+    return list(order[: num_samples // batch_size * batch_size].split(batch_size))
+
+
+@torch.enable_grad()
+def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
+    """Minimize MSE(window(inputs), targets) over the window's parameters; masks stay fixed."""
+    generator = torch.Generator().manual_seed(task.seed)
+    steps_per_epoch = len(_batches(task.inputs.shape[0], config.batch_size, torch.Generator()))
+    total_steps = config.epochs * steps_per_epoch
+    dtype = _DTYPES[config.train_dtype]
+    amp = dtype != torch.float32
+    scaler = torch.amp.GradScaler(task.device.type, enabled=dtype == torch.float16)
+    losses: list[float] = []
+    with _trainable(task) as params, (
+        checkpointed_children(task.blocks) if config.gradient_checkpointing else contextlib.nullcontext()
+    ):
+        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas), eps=1e-8,
+                                      weight_decay=config.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / max(total_steps, 1)))
+        for _ in range(config.epochs):
+            epoch_loss = 0.0
+            batches = _batches(task.inputs.shape[0], config.batch_size, generator)
+            for index in batches:
+                x = task.inputs[index].to(task.device, non_blocking=True)
+                y = task.targets[index].to(task.device, non_blocking=True)
+                with torch.autocast(task.device.type, dtype=dtype, enabled=amp):
+                    out = task.forward(x)
+                loss = nn.functional.mse_loss(out.float(), y.float())
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                with torch.no_grad():
+                    for param, mask in task.masks.items():
+                        param.mul_(mask)
+                epoch_loss += float(loss.detach())
+            losses.append(epoch_loss / max(len(batches), 1))
+        del optimizer, schedule  # the optimizer state lives only while this window is trained
+    return {"loss_per_epoch": losses, "steps": total_steps}
+
+
+class BlockReconstruction(Reconstruction):
+    """BR: train each pruned block alone toward its target."""
+
+    name = "block"
+
+    def reconstruct(self, task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
+        return train_window(task, config)
+
+
+class CrossBlockReconstruction(BlockReconstruction):
+    """CR: train windows of ``config.window`` consecutive blocks jointly (windows overlap by all but one)."""
+
+    name = "cross_block"
+
+    def window_size(self, config: "PruningConfig") -> int:
+        return config.window
