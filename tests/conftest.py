@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# huggingface_hub and datasets read these once, at import: set them before anything imports them, so that
+# nothing in the test suite waits on the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -107,8 +113,5 @@ def shared_data():
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    """Tests never reach the network: fail fast instead of retrying."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def _no_data_dir(monkeypatch):
     monkeypatch.delenv("OPTIMUM_RECON_DATA_DIR", raising=False)

@@ -1,0 +1,208 @@
+"""BR / CR: training toward GP or local targets with fixed masks, window schedule, reproducibility."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from optimum_recon import PruningConfig, prune_model
+from optimum_recon.modeling import find_blocks, find_linear_layers
+from optimum_recon.reconstruction import RECONSTRUCTIONS, BlockReconstruction, CrossBlockReconstruction
+
+FAST = dict(epochs=4, lr=1e-3, batch_size=4)
+
+
+def _zeros_and_groups_ok(model, nm=None):
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        for layer in find_linear_layers(block):
+            w = layer.weight
+            if nm is None:
+                assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+            else:
+                assert int((w.reshape(w.shape[0], -1, nm[1]) != 0).sum(-1).max()) <= nm[0]
+
+
+def test_br_lowers_the_error_against_lr_on_every_architecture(arch, calib_ids):
+    lr_model, br_model = make_tiny_model(arch), make_tiny_model(arch)
+    lr = prune_model(lr_model, PruningConfig(method="wanda", reconstruction="layer", **FAST), calib_ids, progress=False)
+    br = prune_model(br_model, PruningConfig(method="wanda", reconstruction="block", **FAST), calib_ids, progress=False)
+    for record in br.blocks:
+        assert record.error < record.error_before  # training helped every block
+    assert br.blocks[0].error_before == pytest.approx(lr.blocks[0].error, rel=1e-5)  # same masks, same start
+    assert br.final_error < lr.final_error
+    _zeros_and_groups_ok(br_model)
+
+
+@pytest.mark.parametrize("reconstruction", ["block", "cross_block"])
+def test_masks_stay_fixed_and_nm_groups_valid_after_training(reconstruction, calib_ids):
+    model = make_tiny_model("gpt2")  # Conv1D: masks in the transposed layout
+    config = PruningConfig(method="sparsegpt", pattern="2:4", reconstruction=reconstruction, **FAST)
+    prune_model(model, config, calib_ids, progress=False)
+    _zeros_and_groups_ok(model, (2, 4))
+
+
+class _Spy(BlockReconstruction):
+    """Records what each reconstruction step receives, then trains nothing."""
+
+    name = "spy"
+    calls: list = []
+    window = 1
+
+    def window_size(self, config):
+        return self.window
+
+    def reconstruct(self, task, config):
+        _Spy.calls.append({"blocks": list(task.blocks), "inputs": task.inputs.clone(),
+                           "targets": task.targets.clone(), "masks": dict(task.masks)})
+        return {}
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    monkeypatch.setitem(RECONSTRUCTIONS, "spy", _Spy)
+    _Spy.calls = []
+    _Spy.window = 1
+    return _Spy
+
+
+def _dense_block_io(dense, ids):
+    """Each dense block's (args, kwargs) and output from a plain forward pass."""
+    _, blocks = find_blocks(dense)
+    seen, handles = {}, []
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(
+            lambda m, a, k, i=i: seen.setdefault(i, {}).update(args=a, kwargs=k), with_kwargs=True))
+        handles.append(block.register_forward_hook(
+            lambda m, a, o, i=i: seen[i].update(out=o[0] if isinstance(o, tuple) else o)))
+    with torch.no_grad():
+        dense(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return blocks, seen
+
+
+@pytest.mark.parametrize("propagation", ["global", "local"])
+def test_targets_match_an_independent_reference(spy, propagation, calib_ids):
+    dense = make_tiny_model("qwen2")
+    model = copy.deepcopy(dense)
+    config = PruningConfig(method="magnitude", reconstruction="spy", propagation=propagation, batch_size=12)
+    prune_model(model, config, calib_ids, progress=False)
+    dense_blocks, dense_io = _dense_block_io(dense, calib_ids)
+    for i, call in enumerate(spy.calls):
+        if propagation == "global":  # the dense model's own hidden state after block i
+            expected = dense_io[i]["out"]
+        else:  # the dense block applied to the pruned model's input to block i
+            with torch.no_grad():
+                out = dense_blocks[i](call["inputs"], *dense_io[i]["args"][1:], **dense_io[i]["kwargs"])
+            expected = out[0] if isinstance(out, tuple) else out
+        torch.testing.assert_close(call["targets"], expected, rtol=1e-5, atol=1e-5)
+    # GP and local targets really differ past the first block
+    last = len(spy.calls) - 1
+    assert torch.allclose(spy.calls[last]["targets"], dense_io[last]["out"]) == (propagation == "global")
+
+
+def test_cross_block_windows_and_masks_chosen_once(spy, calib_ids, monkeypatch):
+    from optimum_recon.masks.wanda import Wanda
+
+    spy.window = 2
+    calls = []
+    real = Wanda.prune
+    monkeypatch.setattr(Wanda, "prune", lambda self, w, s, **kw: calls.append(1) or real(self, w, s, **kw))
+    model = make_tiny_model("llama", num_hidden_layers=4)
+    report = prune_model(model, PruningConfig(method="wanda", reconstruction="spy"), calib_ids, progress=False)
+    _, blocks = find_blocks(model)
+    windows = [[list(blocks).index(b) for b in call["blocks"]] for call in spy.calls]
+    assert windows == [[0], [0, 1], [1, 2], [2, 3], [3]]  # the paper's schedule: L + 1 windows, stride 1
+    assert len(calls) == 4 * 7  # every linear layer of every block masked exactly once
+    assert [r.index for r in report.blocks] == [0, 1, 2, 3]
+    # every mask of a window's blocks is handed to training
+    assert len(spy.calls[1]["masks"]) == 14
+
+
+def test_cross_block_trains_windows_jointly(calib_ids):
+    model = make_tiny_model("llama")
+    report = prune_model(model, PruningConfig(method="wanda", reconstruction="cross_block", **FAST), calib_ids,
+                         progress=False)
+    assert [w["window"] for w in report.blocks[1].reconstruction["windows"]] == [[0, 1], [1, 2]]
+    assert all(len(w["loss_per_epoch"]) == 4 for w in report.blocks[1].reconstruction["windows"])
+    _zeros_and_groups_ok(model)
+
+
+def test_training_is_reproducible(calib_ids):
+    a, b = make_tiny_model("mistral"), make_tiny_model("mistral")
+    config = PruningConfig(method="wanda", reconstruction="block", **FAST)
+    prune_model(a, config, calib_ids, progress=False)
+    prune_model(b, config, calib_ids, progress=False)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_loss_curve_goes_down_and_epochs_zero_is_lr(calib_ids):
+    report = prune_model(make_tiny_model("llama"), PruningConfig(method="magnitude", **FAST), calib_ids,
+                         progress=False)
+    losses = report.blocks[-1].reconstruction["windows"][0]["loss_per_epoch"]
+    assert losses[-1] < losses[0]
+    a, b = make_tiny_model("llama"), make_tiny_model("llama")
+    prune_model(a, PruningConfig(method="sparsegpt", epochs=0), calib_ids, progress=False)
+    prune_model(b, PruningConfig(method="sparsegpt", reconstruction="layer"), calib_ids, progress=False)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_gradient_checkpointing_gives_the_same_weights(calib_ids):
+    a, b = make_tiny_model("gemma2"), make_tiny_model("gemma2")
+    prune_model(a, PruningConfig(method="wanda", **FAST), calib_ids, progress=False)
+    prune_model(b, PruningConfig(method="wanda", gradient_checkpointing=True, **FAST), calib_ids, progress=False)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
+    # the checkpointing wrappers are gone afterwards
+    _, blocks = find_blocks(b)
+    assert "forward" not in blocks[0].self_attn.__dict__
+
+
+def test_bf16_autocast_trains(calib_ids):
+    model = make_tiny_model("llama")
+    report = prune_model(model, PruningConfig(method="wanda", train_dtype="bfloat16", **FAST), calib_ids,
+                         progress=False)
+    assert all(torch.isfinite(torch.tensor(r.error)) for r in report.blocks)
+    assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+    _zeros_and_groups_ok(model)
+
+
+def test_heldout_errors_are_reported_and_do_not_change_the_result(calib_ids):
+    torch.manual_seed(5)
+    heldout = torch.randint(0, 128, (6, 24))
+    a, b = make_tiny_model("opt"), make_tiny_model("opt")
+    config = PruningConfig(method="sparsegpt", **FAST)
+    ra = prune_model(a, config, calib_ids, progress=False)
+    rb = prune_model(b, config, calib_ids, heldout_ids=heldout, progress=False)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)  # held-out windows never influence masks or training
+    assert ra.blocks[-1].heldout_error is None
+    assert rb.blocks[-1].heldout_error > 0 and rb.blocks[-1].heldout_error_before > 0
+
+
+def test_bad_sizes_warn_with_what_was_done(calib_ids):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune_model(make_tiny_model("llama"), PruningConfig(reconstruction="cross_block", window=9, epochs=1,
+                                                            batch_size=64), calib_ids, progress=False)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "window=9 is larger than the model's 3 blocks; using 3" in messages
+    assert "batch_size=64 is larger than the 12 calibration windows" in messages
+
+
+@pytest.mark.parametrize("kwargs, message", [({"lr": 0}, "lr=0"), ({"epochs": -1}, "epochs=-1"),
+                                             ({"window": 0}, "window=0"), ({"train_dtype": "fp8"}, "train_dtype")])
+def test_bad_training_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PruningConfig(**kwargs)
+
+
+def test_registry_names():
+    assert RECONSTRUCTIONS["block"] is BlockReconstruction and RECONSTRUCTIONS["cross_block"] is CrossBlockReconstruction
