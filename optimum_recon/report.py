@@ -116,16 +116,28 @@ class PruningReport:
             return cls.from_dict(json.load(fh))
 
     def summary(self) -> str:
-        """A short human-readable table."""
+        """A short human-readable table: errors after (and before) reconstruction, per block."""
+        heldout = any(b.heldout_error is not None for b in self.blocks)
+        trained = any(b.error_before is not None and b.error_before != b.error for b in self.blocks)
         lines = [
             f"pruned {self.pruned_parameters:,} weights to {self.model_sparsity:.2%} sparsity in "
             f"{self.total_seconds:.1f} s (peak RSS {self.peak_rss_mib:,.0f} MiB)",
-            f"{'block':>5} {'sparsity':>8} {'error':>11} {'normalized':>10} {'seconds':>7}",
+            "errors: MSE against the dense model's hidden states after each block (normalized: / their mean square)",
         ]
+        header = f"{'block':>5} {'sparsity':>8} {'error':>10} {'normalized':>10}"
+        if trained:
+            header += f" {'before':>10} {'cut':>6}"
+        if heldout:
+            header += f" {'held-out':>10} {'norm.':>9}"
+        lines.append(header + f" {'seconds':>7}")
         for b in self.blocks:
-            lines.append(
-                f"{b.index:>5} {b.sparsity:>8.2%} {b.error:>11.4g} {b.error_normalized:>10.4g} {b.seconds:>7.1f}"
-            )
+            row = f"{b.index:>5} {b.sparsity:>8.2%} {b.error:>10.4g} {b.error_normalized:>10.4g}"
+            if trained:
+                cut = 1 - b.error / b.error_before if b.error_before else 0.0
+                row += f" {b.error_before:>10.4g} {cut:>6.1%}"
+            if heldout:
+                row += f" {b.heldout_error:>10.4g} {b.heldout_error_normalized:>9.3g}"
+            lines.append(row + f" {b.seconds:>7.1f}")
         for name, values in self.perplexity.items():
             pairs = ", ".join(f"{k} {v:.3f}" for k, v in values.items())
             lines.append(f"perplexity {name}: {pairs}")

@@ -156,3 +156,8 @@ def test_no_layers_left_is_an_error(calib_ids):
 def test_bad_calibration_shape(calib_ids):
     with pytest.raises(ValueError, match="num_samples, seq_len"):
         prune_model(make_tiny_model("llama"), PruningConfig(), calib_ids[0], progress=False)
+
+
+def test_token_ids_outside_the_vocabulary(calib_ids):
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 128"):
+        prune_model(make_tiny_model("llama"), PruningConfig(), calib_ids + 128, progress=False)

@@ -220,9 +220,13 @@ def prune_model(
     Returns:
         A `PruningReport` with per-block errors, sparsity and training curves.
     """
+    vocab = model.get_input_embeddings().num_embeddings
     for name, ids in (("input_ids", input_ids), ("heldout_ids", heldout_ids)):
         if ids is not None and (ids.ndim != 2 or ids.shape[0] == 0):
             raise ValueError(f"{name} must be (num_samples, seq_len), got shape {tuple(ids.shape)}.")
+        if ids is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            raise ValueError(f"{name} holds token ids outside the model's vocabulary of {vocab}: does the tokenizer "
+                             "belong to this model?")
     start = time.perf_counter()
     path, blocks = find_blocks(model, blocks_path)
     plan = [find_linear_layers(b, config.targets, config.ignore, f"{path}.{i}") for i, b in enumerate(blocks)]
