@@ -57,7 +57,10 @@ def test_bad_input_is_one_clear_line(argv, message, tiny_model_dir, capsys):
 
 
 def test_optimum_cli_plugin_is_registered():
-    exe = shutil.which("optimum-cli")
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / "optimum-cli"  # the venv's, even when it is not activated
+    exe = str(beside) if beside.exists() else shutil.which("optimum-cli")
     if exe is None:
         pytest.skip("optimum-cli is not on PATH")
     result = subprocess.run([exe, "recon", "prune", "--help"], capture_output=True, text=True, timeout=120)
