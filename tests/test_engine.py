@@ -161,3 +161,26 @@ def test_bad_calibration_shape(calib_ids):
 def test_token_ids_outside_the_vocabulary(calib_ids):
     with pytest.raises(ValueError, match="outside the model's vocabulary of 128"):
         prune_model(make_tiny_model("llama"), PruningConfig(), calib_ids + 128, progress=False)
+
+
+def test_layers_sharing_an_input_share_their_statistics(calib_ids):
+    from optimum_recon.engine.steps import StatisticsHooks
+    from optimum_recon.masks import get_mask_method
+
+    model = make_tiny_model("llama")
+    _, blocks = find_blocks(model)
+    layers = find_linear_layers(blocks[0])
+    method = get_mask_method("sparsegpt")
+    seen = {}
+    for layer in layers:
+        layer.module.register_forward_hook(lambda m, a, o, n=layer.name: seen.setdefault(n, []).append(a[0]))
+    with StatisticsHooks(layers, method, torch.device("cpu")) as hooks, torch.no_grad():
+        model(input_ids=calib_ids[:6], use_cache=False)
+        model(input_ids=calib_ids[6:], use_cache=False)
+    stats = hooks.stats
+    assert stats["self_attn.k_proj"] is stats["self_attn.q_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.up_proj"] is stats["mlp.gate_proj"]
+    assert len({id(v) for v in stats.values()}) == 4
+    for name, inputs in seen.items():  # each equals the Hessian of that layer's own inputs
+        x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs[:2]])
+        torch.testing.assert_close(stats[name].hessian, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-6)

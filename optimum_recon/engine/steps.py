@@ -93,25 +93,43 @@ class ErrorMeter:
 
 
 class StatisticsHooks:
-    """Forward hooks feeding each linear layer's inputs to its mask method's accumulator while ``active``."""
+    """Forward hooks feeding each linear layer's inputs to its mask method's accumulator while ``active``.
+
+    Layers that receive the very same input tensor (q/k/v projections, gate/up projections) share one
+    accumulator: their statistics are identical, and SparseGPT's Hessian costs as much as the layer itself.
+    """
 
     def __init__(self, layers: list[LinearLayer], method: MaskMethod, device: torch.device):
         self.layers, self.method, self.device = layers, method, device
         self.needed = method.needs_inputs
         self.active = True
-        self.stats: dict[str, Any] = {}
+        self._own: dict[str, Any] = {}
+        self._alias: dict[str, str] = {}
+        self._last: tuple[Any, str] | None = None  # (input tensor, layer name) of the previous hook call
         self._handles: list[Any] = []
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {layer.name: self._own[self._alias.get(layer.name, layer.name)] for layer in self.layers
+                if self._alias.get(layer.name, layer.name) in self._own}
+
+    def _hook(self, name: str, in_features: int, x: torch.Tensor) -> None:
+        if not self.active:
+            return
+        if self._last is not None and self._last[0] is x and name not in self._own:
+            self._alias[name] = self._alias.get(self._last[1], self._last[1])
+        elif name not in self._alias:
+            if name not in self._own:
+                self._own[name] = self.method.new_statistics(in_features, self.device)
+            self._own[name].update(x.detach())
+        self._last = (x, name)
 
     def __enter__(self) -> "StatisticsHooks":
         if not self.needed:
             return self
         for layer in self.layers:
-            accumulator = self.method.new_statistics(layer.in_features, self.device)
-            self.stats[layer.name] = accumulator
-
-            def hook(module, args, output, _acc=accumulator):
-                if self.active:
-                    _acc.update(args[0].detach())
+            def hook(module, args, output, _name=layer.name, _in=layer.in_features):
+                self._hook(_name, _in, args[0])
 
             self._handles.append(layer.module.register_forward_hook(hook))
         return self
@@ -120,6 +138,7 @@ class StatisticsHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._last = None
 
 
 def apply_masks(
