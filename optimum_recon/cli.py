@@ -34,6 +34,8 @@ _RECIPE_FLAGS = {
     "window": (PruningConfig, "window", int),
     "train-dtype": (PruningConfig, "train_dtype", str),
     "gradient-checkpointing": (PruningConfig, "gradient_checkpointing", "flag"),
+    "lora-rank": (PruningConfig, "lora_rank", int),
+    "lora-alpha": (PruningConfig, "lora_alpha", float),
     "calibration": (CalibrationConfig, "source", str),
     "num-samples": (CalibrationConfig, "num_samples", int),
     "seq-len": (CalibrationConfig, "seq_len", int),

@@ -118,6 +118,9 @@ class PruningConfig:
         window: CR: consecutive blocks trained jointly; windows slide by one block.
         train_dtype: BR/CR: `float32`, or `bfloat16` / `float16` autocast (fp32 master weights).
         gradient_checkpointing: BR/CR: recompute each block's sub-modules in the backward pass.
+        lora_rank: BR/CR: train low-rank updates of the pruned weights, applied through their masks, instead of
+            the full weights (far less optimizer memory); 0 trains the full weights.
+        lora_alpha: BR/CR with `lora_rank`: the update is scaled by alpha / rank (default alpha = rank).
         calibration: The calibration data (`CalibrationConfig`).
 
     Example:
@@ -144,6 +147,10 @@ class PruningConfig:
     window: int = _help("CR: consecutive blocks trained jointly (windows slide by one block).", default=2)
     train_dtype: str = _help("BR/CR: float32, or bfloat16/float16 autocast.", default="float32")
     gradient_checkpointing: bool = _help("BR/CR: gradient checkpointing inside each block.", default=False)
+    lora_rank: int = _help("BR/CR: train rank-r updates of the pruned weights through their masks instead of the "
+                           "full weights (0: full training).", default=0)
+    lora_alpha: float | None = _help("BR/CR with lora_rank: scale alpha/r of the low-rank update (default: r).",
+                                     default=None)
     calibration: CalibrationConfig = _help("Calibration data.", default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
@@ -165,7 +172,7 @@ class PruningConfig:
         self._validate_training()
 
     def _validate_training(self) -> None:
-        for name, low in (("epochs", 0), ("batch_size", 1), ("window", 1)):
+        for name, low in (("epochs", 0), ("batch_size", 1), ("window", 1), ("lora_rank", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} is not valid: it must be an integer >= {low}.")
@@ -178,6 +185,8 @@ class PruningConfig:
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay={self.weight_decay!r} is not valid: it must be >= 0.")
         _check_choice("train_dtype", self.train_dtype, ("float32", "bfloat16", "float16"))
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} is not valid: it must be > 0.")
 
     def _validate_sparsity(self) -> None:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):

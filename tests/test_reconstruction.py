@@ -206,3 +206,19 @@ def test_bad_training_settings(kwargs, message):
 
 def test_registry_names():
     assert RECONSTRUCTIONS["block"] is BlockReconstruction and RECONSTRUCTIONS["cross_block"] is CrossBlockReconstruction
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gpt2"])
+def test_lora_merges_through_the_mask(arch_name, calib_ids):
+    full_model, lora_model = make_tiny_model(arch_name), make_tiny_model(arch_name)
+    full = prune_model(full_model, PruningConfig(method="wanda", pattern="2:4", **FAST), calib_ids, progress=False)
+    lora = prune_model(lora_model, PruningConfig(method="wanda", pattern="2:4", lora_rank=2, **FAST), calib_ids,
+                       progress=False)
+    _zeros_and_groups_ok(lora_model, (2, 4))
+    for record in lora.blocks:
+        assert record.error < record.error_before
+    # no adapter is left behind: the model has exactly its original parameters
+    assert sorted(n for n, _ in lora_model.named_parameters()) == sorted(n for n, _ in full_model.named_parameters())
+    full_state = full.blocks[0].reconstruction["windows"][0]["optimizer_state_bytes"]
+    lora_state = lora.blocks[0].reconstruction["windows"][0]["optimizer_state_bytes"]
+    assert lora_state < full_state / 3

@@ -131,14 +131,17 @@ class _Run:
             for c in copies:
                 c.to("cpu")
         window = [self.blocks[j] for j in range(s, e + 1)]
-        masks = {}
+        masks, owners = {}, {}
         for j in range(s, e + 1):
-            masks.update(param_masks(self.plan[j], self.masks[j]))
+            block_masks, block_owners = param_masks(self.plan[j], self.masks[j])
+            masks.update(block_masks)
+            owners.update(block_owners)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return calib.passes.chain_batch(window, s, x, device)
 
-        task = WindowTask(window, forward, inputs, targets, masks, device, seed=self.config.calibration.seed + step)
+        task = WindowTask(window, forward, inputs, targets, masks, device, seed=self.config.calibration.seed + step,
+                          modules=owners)
         info = self.reconstruction.reconstruct(task, self.config)
         info["window"] = [s, e]
         for j in range(s, e + 1):

@@ -163,11 +163,15 @@ def apply_masks(
     return masks, records
 
 
-def param_masks(layers: list[LinearLayer], masks: dict[str, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
-    """Keep-masks keyed by weight parameter, in the parameter's own layout (Conv1D is (in, out))."""
-    out = {}
+def param_masks(
+    layers: list[LinearLayer], masks: dict[str, torch.Tensor]
+) -> tuple[dict[nn.Parameter, torch.Tensor], dict[nn.Parameter, nn.Module]]:
+    """Keep-masks keyed by weight parameter, in the parameter's own layout (Conv1D is (in, out)), and the
+    layer owning each weight."""
+    out, owners = {}, {}
     for layer in layers:
         mask = masks[layer.name]
         weight = layer.module.weight
         out[weight] = (mask.t() if layer.transposed else mask).to(weight.device)
-    return out
+        owners[weight] = layer.module
+    return out, owners

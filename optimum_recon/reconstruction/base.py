@@ -20,7 +20,8 @@ class WindowTask:
     ``forward(x)`` runs the window's blocks in order on a batch ``x`` (B, T, H) already on ``device`` and
     returns the output on the device (with autograd when enabled). ``inputs`` and ``targets`` are
     (N, T, H) CPU tensors: the pruned model's inputs to the window and the outputs it should produce.
-    ``masks`` maps each pruned weight parameter to its keep-mask in the parameter's own layout.
+    ``masks`` maps each pruned weight parameter to its keep-mask in the parameter's own layout, ``modules``
+    to the layer that owns it.
     """
 
     blocks: list[nn.Module]
@@ -30,6 +31,7 @@ class WindowTask:
     masks: dict[nn.Parameter, torch.Tensor]
     device: torch.device
     seed: int
+    modules: dict[nn.Parameter, nn.Module]  # the layer owning each masked weight
 
 
 class Reconstruction(ABC):

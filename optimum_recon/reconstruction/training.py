@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .base import Reconstruction, WindowTask
+from .lora import masked_low_rank
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..configuration import PruningConfig
@@ -58,22 +59,32 @@ def _mask_gradient(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _trainable(task: WindowTask) -> Iterator[list[nn.Parameter]]:
+def _trainable(task: WindowTask, config: "PruningConfig") -> Iterator[list[nn.Parameter]]:
+    """Make the window trainable: every parameter with masked gradients, or (LoRA) low-rank updates of the
+    masked weights plus every other parameter (norms, biases)."""
     params = [p for block in task.blocks for p in block.parameters()]
     flags = [p.requires_grad for p in params]
+    lora = config.lora_rank > 0
+    masked = {id(p) for p in task.masks}
     handles = []
-    for p in params:
-        p.requires_grad_(True)
-    for param, mask in task.masks.items():
-        handles.append(param.register_hook(functools.partial(_mask_gradient, mask=mask.to(param.dtype))))
-    try:
-        yield params
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-            p.grad = None
+    with contextlib.ExitStack() as stack:
+        try:
+            for p in params:
+                p.requires_grad_(not (lora and id(p) in masked))
+            trainable = [p for p in params if p.requires_grad]
+            if lora:
+                alpha = config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank)
+                trainable += stack.enter_context(masked_low_rank(task.masks, task.modules, config.lora_rank, alpha))
+            else:
+                for param, mask in task.masks.items():
+                    handles.append(param.register_hook(functools.partial(_mask_gradient, mask=mask.to(param.dtype))))
+            yield trainable
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+                p.grad = None
 
 
 def _batches(num_samples: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -94,7 +105,7 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
     amp = dtype != torch.float32
     scaler = torch.amp.GradScaler(task.device.type, enabled=dtype == torch.float16)
     losses: list[float] = []
-    with _trainable(task) as params, (
+    with _trainable(task, config) as params, (
         checkpointed_children(task.blocks) if config.gradient_checkpointing else contextlib.nullcontext()
     ):
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas), eps=1e-8,
@@ -114,13 +125,16 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
                 scaler.step(optimizer)
                 scaler.update()
                 schedule.step()
-                with torch.no_grad():
-                    for param, mask in task.masks.items():
-                        param.mul_(mask)
+                if config.lora_rank == 0:
+                    with torch.no_grad():
+                        for param, mask in task.masks.items():
+                            param.mul_(mask)
                 epoch_loss += float(loss.detach())
             losses.append(epoch_loss / max(len(batches), 1))
+        state_bytes = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+                          if torch.is_tensor(t) and t.dim() > 0)
         del optimizer, schedule  # the optimizer state lives only while this window is trained
-    return {"loss_per_epoch": losses, "steps": total_steps}
+    return {"loss_per_epoch": losses, "steps": total_steps, "optimizer_state_bytes": state_bytes}
 
 
 class BlockReconstruction(Reconstruction):

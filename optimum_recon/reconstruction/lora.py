@@ -1,0 +1,63 @@
+"""Parameter-efficient reconstruction: low-rank updates trained *through* the mask.
+
+Each pruned linear weight W (with keep-mask M) is trained as W_eff = (W + (alpha / r) * B @ A) ⊙ M, with W
+frozen and only A (r, in) and B (out, r) trainable; afterwards W_eff is written into the layer, so the
+model keeps its sparsity and has no adapter left. The optimizer then holds state for r * (in + out)
+numbers per layer instead of in * out.
+
+Why not `peft`'s LoRA layers: they add B·A·x beside the frozen weight, so the function trained would use
+a dense update that the mask then cuts at merge time (a train/deploy mismatch that grows with the rank).
+A `torch.nn.utils.parametrize` parametrization applies the mask inside the trained function itself and
+bakes the exact result on removal. Initialization follows the usual LoRA convention (A Kaiming-uniform,
+B zero), so training starts from the pruned weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+class MaskedLowRankUpdate(nn.Module):
+    """Parametrization: weight -> (weight + scale * B @ A) * mask, in the parameter's own layout."""
+
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, rank: int, alpha: float):
+        super().__init__()
+        rows, cols = weight.shape
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, cols, dtype=torch.float32, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(rows, rank, dtype=torch.float32, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.register_buffer("mask", mask.to(device=weight.device, dtype=weight.dtype), persistent=False)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = (self.lora_B @ self.lora_A) * self.scale
+        return (weight + delta.to(weight.dtype)) * self.mask
+
+
+@contextlib.contextmanager
+def masked_low_rank(
+    masks: dict[nn.Parameter, torch.Tensor], modules: dict[nn.Parameter, nn.Module], rank: int, alpha: float
+) -> Iterator[list[nn.Parameter]]:
+    """Attach a `MaskedLowRankUpdate` to every masked weight; yield the new trainable parameters.
+
+    On exit the trained, masked weight is baked into each layer and the parametrization removed.
+    """
+    attached, params = [], []
+    try:
+        for weight, mask in masks.items():
+            module = modules[weight]
+            update = MaskedLowRankUpdate(weight.detach(), mask, rank, alpha)
+            parametrize.register_parametrization(module, "weight", update, unsafe=True)
+            attached.append(module)
+            params += [update.lora_A, update.lora_B]
+        yield params
+    finally:
+        for module in attached:
+            with torch.no_grad():
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
