@@ -222,3 +222,15 @@ def test_lora_merges_through_the_mask(arch_name, calib_ids):
     full_state = full.blocks[0].reconstruction["windows"][0]["optimizer_state_bytes"]
     lora_state = lora.blocks[0].reconstruction["windows"][0]["optimizer_state_bytes"]
     assert lora_state < full_state / 3
+
+
+def test_plot_of_block_errors(calib_ids, tmp_path):
+    pytest.importorskip("matplotlib")
+    from optimum_recon.plotting import plot_block_errors
+
+    heldout = calib_ids.flip(0)[:4]
+    reports = {name: prune_model(make_tiny_model("llama"), PruningConfig(method="wanda", reconstruction=name, **FAST),
+                                 calib_ids, heldout_ids=heldout, progress=False) for name in ("layer", "block")}
+    path = plot_block_errors(reports, tmp_path / "errors.png")
+    data = (tmp_path / "errors.png").read_bytes()
+    assert path.endswith("errors.png") and data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

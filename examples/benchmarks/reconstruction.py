@@ -109,7 +109,25 @@ def main() -> None:
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
     print(table(results))
+    _plot(results, Path(args.output).with_suffix(".png"))
     print(f"written to {args.output}")
+
+
+def _plot(results: dict, path: Path) -> None:
+    """Per-block normalized errors, calibration vs held-out, one colour per row (first method only)."""
+    from optimum_recon.plotting import plot_block_errors
+    from optimum_recon.report import BlockRecord, PruningReport
+
+    method = results["runs"][0]["method"]
+    reports = {}
+    for r in results["runs"]:
+        if r["method"] != method:
+            continue
+        blocks = [BlockRecord(index=b["index"], error=b["error"], error_normalized=b["error_normalized"],
+                              error_local=None, sparsity=0.5, seconds=0.0, heldout_error=b["heldout_error"])
+                  for b in r["per_block"]]
+        reports[r["row"]] = PruningReport(blocks=blocks)
+    plot_block_errors(reports, path, normalized=False, title=f"{method}: per-block error, calibration vs held-out")
 
 
 if __name__ == "__main__":
