@@ -19,7 +19,15 @@ _LAZY = {
     "prune_model": ".engine.sequential",
 }
 
-__all__ = sorted([*_LAZY, "__version__"])
+__all__ = [
+    "CalibrationConfig",
+    "PruningConfig",
+    "PruningReport",
+    "ReconPruner",
+    "__version__",
+    "evaluate_perplexity",
+    "prune_model",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .configuration import CalibrationConfig, PruningConfig

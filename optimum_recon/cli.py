@@ -195,8 +195,10 @@ def run_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optimum-recon", description="Prune LLMs and reconstruct them block by block.")
     from .version import __version__
+
+    parser = argparse.ArgumentParser(prog="optimum-recon",
+                                     description="Prune LLMs and reconstruct them block by block.")
 
     parser.add_argument("--version", action="version", version=f"optimum-recon {__version__}")
     add_subcommands(parser)

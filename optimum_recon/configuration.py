@@ -36,7 +36,8 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     match = _NM_RE.match(str(pattern))
     if match is None:
         raise ValueError(
-            f"pattern={pattern!r} is not valid: use 'unstructured' or 'N:M' with integers 0 < N < M, e.g. '2:4' or '4:8'."
+            f"pattern={pattern!r} is not valid: use 'unstructured' or 'N:M' with integers 0 < N < M, "
+            "e.g. '2:4' or '4:8'."
         )
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
@@ -79,7 +80,8 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ValueError(f"calibration source={self.source!r} is empty: name a dataset or a local file.")
-        if isinstance(self.heldout_samples, bool) or not isinstance(self.heldout_samples, int) or self.heldout_samples < 0:
+        heldout = self.heldout_samples
+        if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 0:
             raise ValueError(f"calibration heldout_samples={self.heldout_samples!r} is not valid: use an integer >= 0.")
         for name in ("num_samples", "seq_len"):
             value = getattr(self, name)

@@ -10,8 +10,8 @@ import torch
 
 from .configuration import PruningConfig
 from .data.calibration import sample_calibration_windows
-from .data.sources import check_source
 from .data.default_model import DEFAULT_MODEL_NAME, default_model_path
+from .data.sources import check_source
 from .engine.sequential import prune_model
 from .evaluation import PerplexityResult, evaluate_perplexity
 from .report import PruningReport
@@ -51,7 +51,8 @@ def load_model_and_tokenizer(model_id_or_path: str, dtype: Any = None, **kwargs:
             f"could not load model {model_id_or_path!r}: it is not a local folder with a model, and it could not be "
             f"fetched from the Hub (offline, private, or misspelled?). Original error: {err}"
         ) from err
-    tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=kwargs.get("trust_remote_code", False))
+    tokenizer = AutoTokenizer.from_pretrained(model_id_or_path,
+                                              trust_remote_code=kwargs.get("trust_remote_code", False))
     return model, tokenizer
 
 

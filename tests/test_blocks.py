@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from torch import nn
 
-from conftest import make_tiny_model
 from optimum_recon.modeling import find_blocks, find_linear_layers
 from optimum_recon.modeling.blocks import BlocksNotFoundError
 

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from optimum_recon import PruningConfig, prune_model
 from optimum_recon.engine import capture_block_inputs
 from optimum_recon.engine.steps import BlockPasses

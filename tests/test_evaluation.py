@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from optimum_recon.evaluation import evaluate_perplexity, perplexity_of_ids
 
 

@@ -164,6 +164,7 @@ def test_non_positive_definite_hessian_raises_dampening():
 
 def test_engine_warns_when_dampening_was_raised(monkeypatch):
     from conftest import make_tiny_model
+
     from optimum_recon import PruningConfig, prune_model
     from optimum_recon.masks import sparsegpt as sgpt
 

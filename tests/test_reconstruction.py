@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from optimum_recon import PruningConfig, prune_model
 from optimum_recon.modeling import find_blocks, find_linear_layers
 from optimum_recon.reconstruction import RECONSTRUCTIONS, BlockReconstruction, CrossBlockReconstruction
@@ -205,7 +205,8 @@ def test_bad_training_settings(kwargs, message):
 
 
 def test_registry_names():
-    assert RECONSTRUCTIONS["block"] is BlockReconstruction and RECONSTRUCTIONS["cross_block"] is CrossBlockReconstruction
+    assert RECONSTRUCTIONS["block"] is BlockReconstruction
+    assert RECONSTRUCTIONS["cross_block"] is CrossBlockReconstruction
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "gpt2"])

@@ -49,7 +49,8 @@ def default_model_path() -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.warning("Converting the bundled %s from GGUF to a normal HF folder (once, about 30 s)...", DEFAULT_MODEL_NAME)
+    logger.warning("Converting the bundled %s from GGUF to a normal HF folder (once, about 30 s)...",
+                   DEFAULT_MODEL_NAME)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The GGUF loader marks the model as quantized although the weights are now plain floats;

@@ -3,7 +3,8 @@
 Known names and where they come from, in order:
 
 * ``$OPTIMUM_RECON_DATA_DIR`` when set: a folder laid out like ``c4/c4-train.00000-of-01024*.jsonl``,
-  ``c4/c4-validation.00000-of-00008*.json*``, ``wikitext-2-raw/wiki.{test,valid,train}.raw``, ``ptb/ptb.{test,train}.txt``;
+  ``c4/c4-validation.00000-of-00008*.json*``, ``wikitext-2-raw/wiki.{test,valid,train}.raw``,
+  ``ptb/ptb.{test,train}.txt``;
 * the Hugging Face Hub through `datasets.load_dataset` (the same files the papers use);
 * a small copy bundled with this package (WikiText-2 test; 300 C4 train documents), with a warning, when
   the Hub cannot be reached.

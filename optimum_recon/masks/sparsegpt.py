@@ -54,8 +54,9 @@ def sparsegpt_prune(
     """Prune ``weight`` (out, in) with SparseGPT given the layer Hessian ``hessian`` (in, in).
 
     Unstructured: inside every block of ``block_size`` columns exactly ``int(rows * cols * sparsity)``
-    weights with the lowest OBS saliency w_j^2 / U_jj^2 are pruned (U_jj^2 = [inv(H_F)]_00, F = columns j..) (the original prunes one more on ties of the
-    threshold; we prune exactly that many). N:M: the top-N scores of every M consecutive columns per row,
+    weights with the lowest OBS saliency w_j^2 / U_jj^2 are pruned (U_jj^2 = [inv(H_F)]_00 with F the
+    columns j.. still free). The original keeps only scores strictly above the threshold, which prunes
+    one weight more per block; we prune exactly that many. N:M: the top-N scores of every M consecutive columns per row,
     chosen when the group's first column is reached (so the scores include earlier compensation).
     Returns the compensated weight in the input dtype, its keep-mask and ``info["dampening"]``.
     """
