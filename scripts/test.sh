@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
+.venv/bin/ruff check optimum_recon optimum tests examples
 exec .venv/bin/python -m pytest "$@"

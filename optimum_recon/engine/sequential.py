@@ -82,6 +82,7 @@ class _Run:
         self.window = min(self.reconstruction.window_size(config), len(blocks))
         self.calib, self.heldout = _Split(calib), (_Split(heldout) if heldout is not None else None)
         self.requested_device = device
+        self.progress = False
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # masked, untrained weights (for "before")
         self.dense_copies: dict[int, nn.Module] = {}
@@ -141,7 +142,7 @@ class _Run:
             return calib.passes.chain_batch(window, s, x, device)
 
         task = WindowTask(window, forward, inputs, targets, masks, device, seed=self.config.calibration.seed + step,
-                          modules=owners)
+                          modules=owners, progress=self.progress)
         info = self.reconstruction.reconstruct(task, self.config)
         info["window"] = [s, e]
         for j in range(s, e + 1):
@@ -243,6 +244,7 @@ def prune_model(
         heldout = None if heldout_ids is None else capture_block_inputs(
             model, blocks, list(heldout_ids.split(config.batch_size)))
         run = _Run(model, blocks, path, plan, config, calib, heldout, device)
+        run.progress = progress
         report = PruningReport(config=config.to_dict(), num_calibration_tokens=int(input_ids.numel()))
         _loop(run, report, progress)
     finally:

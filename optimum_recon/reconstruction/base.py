@@ -32,6 +32,7 @@ class WindowTask:
     device: torch.device
     seed: int
     modules: dict[nn.Parameter, nn.Module]  # the layer owning each masked weight
+    progress: bool = False  # show an epoch progress bar
 
 
 class Reconstruction(ABC):

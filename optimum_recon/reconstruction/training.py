@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
 
 from .base import Reconstruction, WindowTask
 from .lora import masked_low_rank
@@ -111,6 +112,7 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
         optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas), eps=1e-8,
                                       weight_decay=config.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / max(total_steps, 1)))
+        bar = tqdm(total=config.epochs, desc="  epochs", unit="epoch", leave=False, disable=not task.progress)
         for _ in range(config.epochs):
             epoch_loss = 0.0
             batches = _batches(task.inputs.shape[0], config.batch_size, generator)
@@ -131,6 +133,9 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
                             param.mul_(mask)
                 epoch_loss += float(loss.detach())
             losses.append(epoch_loss / max(len(batches), 1))
+            bar.set_postfix(loss=f"{losses[-1]:.3g}")
+            bar.update(1)
+        bar.close()
         state_bytes = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
                           if torch.is_tensor(t) and t.dim() > 0)
         del optimizer, schedule  # the optimizer state lives only while this window is trained
