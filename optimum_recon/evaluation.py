@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data.sources import load_eval_text
+from .modeling.offload import input_device
 
 DEFAULT_EVAL_SEQ_LEN = 2048
 
@@ -38,14 +39,6 @@ def model_context(model: nn.Module) -> int | None:
     return None
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings()
-    hooked = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
-    if hooked is not None:
-        return torch.device("cuda", hooked) if isinstance(hooked, int) else torch.device(hooked)
-    return embeddings.weight.device
-
-
 @torch.no_grad()
 def perplexity_of_ids(
     model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 1, progress: bool = True, desc: str = "ppl"
@@ -55,7 +48,7 @@ def perplexity_of_ids(
     if num_windows == 0:
         raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}.")
     windows = ids[: num_windows * seq_len].reshape(num_windows, seq_len)
-    device = _input_device(model)
+    device = input_device(model)
     was_training = model.training
     model.eval()
     total_nll, total_count = 0.0, 0

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..modeling.offload import input_device
+
 
 class _StopForward(Exception):
     pass
@@ -109,20 +111,12 @@ class _Store:
         self.kwargs[index].append(kwargs)
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings()
-    hooked = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
-    if hooked is not None:
-        return torch.device("cuda", hooked) if isinstance(hooked, int) else torch.device(hooked)
-    return embeddings.weight.device
-
-
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]) -> BlockInputs:
     """Run ``model`` on each batch of token ids up to its blocks and record what each block receives."""
     store = _Store(len(blocks))
     originals = list(blocks)
-    device = _input_device(model)
+    device = input_device(model)
     try:
         for i, block in enumerate(originals):
             blocks[i] = _Recorder(block, i, i == len(originals) - 1, store)

@@ -7,33 +7,23 @@ used on their own.
 
 from __future__ import annotations
 
+from ..registry import Registry
 from .base import InputStatistics, MaskMethod, PruneResult
 from .magnitude import Magnitude, magnitude_prune
 from .sparsegpt import SparseGPT, sparsegpt_prune
 from .wanda import Wanda, wanda_prune
 
-MASK_METHODS: dict[str, type[MaskMethod]] = {}
+MASK_METHODS: Registry[MaskMethod] = Registry("mask method")
 
 
 def register_mask_method(cls: type[MaskMethod]) -> type[MaskMethod]:
     """Register a `MaskMethod` subclass under its ``name`` (lower-case, unique). Usable as a decorator."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name or name != name.lower():
-        raise ValueError(f"{cls.__name__}.name must be a non-empty lower-case string, got {name!r}.")
-    if name in MASK_METHODS and MASK_METHODS[name] is not cls:
-        raise ValueError(f"a mask method named {name!r} is already registered ({MASK_METHODS[name].__name__}).")
-    MASK_METHODS[name] = cls
-    return cls
+    return MASK_METHODS.register(cls)
 
 
 def get_mask_method(name: str) -> MaskMethod:
     """An instance of the mask method registered as ``name``."""
-    try:
-        return MASK_METHODS[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown mask method {name!r}: choose one of {', '.join(sorted(MASK_METHODS))}."
-        ) from None
+    return MASK_METHODS.create(name)
 
 
 for _cls in (Magnitude, SparseGPT, Wanda):

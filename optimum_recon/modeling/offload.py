@@ -67,3 +67,9 @@ def onload(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
     finally:
         if original != device:
             block.to(original)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's token ids must go: its embeddings' (execution) device."""
+    embeddings = model.get_input_embeddings()
+    return hook_execution_device(embeddings) or embeddings.weight.device

@@ -8,30 +8,21 @@ output matches the target hidden states. `layer` (LR) does nothing beyond the ma
 
 from __future__ import annotations
 
+from ..registry import Registry
 from .base import LayerReconstruction, Reconstruction, WindowTask
 from .training import BlockReconstruction, CrossBlockReconstruction, train_window
 
-RECONSTRUCTIONS: dict[str, type[Reconstruction]] = {}
+RECONSTRUCTIONS: Registry[Reconstruction] = Registry("reconstruction")
 
 
 def register_reconstruction(cls: type[Reconstruction]) -> type[Reconstruction]:
     """Register a `Reconstruction` subclass under its ``name``. Usable as a decorator."""
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{cls.__name__}.name must be a non-empty string, got {name!r}.")
-    if name in RECONSTRUCTIONS and RECONSTRUCTIONS[name] is not cls:
-        raise ValueError(f"a reconstruction named {name!r} is already registered.")
-    RECONSTRUCTIONS[name] = cls
-    return cls
+    return RECONSTRUCTIONS.register(cls)
 
 
 def get_reconstruction(name: str) -> Reconstruction:
-    try:
-        return RECONSTRUCTIONS[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown reconstruction {name!r}: choose one of {', '.join(sorted(RECONSTRUCTIONS))}."
-        ) from None
+    """An instance of the reconstruction registered as ``name``."""
+    return RECONSTRUCTIONS.create(name)
 
 
 for _cls in (LayerReconstruction, BlockReconstruction, CrossBlockReconstruction):
