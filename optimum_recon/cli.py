@@ -14,6 +14,7 @@ from dataclasses import fields
 from typing import Any
 
 from .configuration import CalibrationConfig, PruningConfig, field_default, field_help
+from .hub.push import HubUploadError
 
 # CLI flag -> (dataclass, field). Lists take several values: --targets q_proj k_proj.
 _RECIPE_FLAGS = {
@@ -44,6 +45,34 @@ _RECIPE_FLAGS = {
     "calibration-split": (CalibrationConfig, "split", str),
     "heldout-samples": (CalibrationConfig, "heldout_samples", int),
 }
+
+
+_TRAINING_FLAGS = {"epochs", "lr", "batch-size", "adam-betas", "weight-decay", "window", "train-dtype",
+                   "gradient-checkpointing", "lora-rank", "lora-alpha"}
+
+
+_ALWAYS = {"sparsity", "pattern", "method", "reconstruction", "propagation", "calibration", "num-samples", "seq-len",
+           "seed", "epochs", "lr", "batch-size"}
+
+
+def recipe_command(config: PruningConfig, model: str | None) -> str:
+    """The `optimum-recon prune` command line that repeats ``config`` on ``model``: the main settings always,
+    the others when they differ from their defaults; training flags only when something is trained."""
+    parts = ["optimum-recon prune"] + ([f"--model {model}"] if model else [])
+    for flag, (cls, name, kind) in _RECIPE_FLAGS.items():
+        value = getattr(config if cls is PruningConfig else config.calibration, name)
+        if flag in _TRAINING_FLAGS and config.reconstruction == "layer":
+            continue
+        if value is None or (flag not in _ALWAYS and value == field_default(cls, name)):
+            continue
+        if kind == "flag":
+            parts.append(f"--{flag}" if value else f"--no-{flag}")
+        elif kind in ("list", "pair"):
+            parts.append(f"--{flag} " + " ".join(f"'{v}'" if kind == "list" else str(v) for v in value))
+        else:
+            parts.append(f"--{flag} {value}")
+    lines = [" ".join(parts[:2])] + parts[2:] + ["--output pruned-model"]
+    return " \\\n  ".join(lines)
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +115,9 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--recipe", default=None, help="Start from the pruning_config.json of a folder or Hub repo; "
                        "flags given explicitly override it.")
     prune.add_argument("--output", default=None, help="Folder to save the pruned model into.")
+    prune.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                       help="Also upload the saved model to this Hub repository (created if needed).")
+    prune.add_argument("--private", action="store_true", help="With --push-to-hub: create the repository private.")
     prune.add_argument("--device", default=None, help="Where blocks run (default: GPU if available, else CPU).")
     prune.add_argument("--blocks-path", default=None, help="Attribute path of the decoder blocks, e.g. model.layers.")
     _add_eval_flags(prune, "--eval", None, "Comma-separated datasets to evaluate before and after pruning "
@@ -154,6 +186,9 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.output:
         path = pruner.save_pretrained(args.output)
         print(f"saved to {path}")
+    if args.push_to_hub:
+        commit = pruner.push_to_hub(args.push_to_hub, private=args.private or None)
+        print(f"pushed to {args.push_to_hub}: {getattr(commit, 'commit_url', commit)}")
     return 0
 
 
@@ -189,7 +224,7 @@ def run_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
     _configure_logging(getattr(args, "verbose", False))
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, OSError, ImportError, NotImplementedError) as err:
+    except (ValueError, FileNotFoundError, OSError, ImportError, NotImplementedError, HubUploadError) as err:
         print(f"optimum-recon: error: {err}", file=sys.stderr)
         return 2
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -176,6 +177,42 @@ class ReconPruner:
         """Save weights (safetensors, zeros kept), tokenizer, recipe, report and model card, atomically."""
         from .hub.save import save_pruned_model
 
-        return save_pruned_model(
+        path = save_pruned_model(
             self.model, self.tokenizer, self.config, self.report, save_directory, base_model=self.model_id, **kwargs
         )
+        self._saved_to = path
+        return path
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        save_directory: str | os.PathLike | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+    ):
+        """Upload the pruned model (with its recipe, report and model card) to the Hub.
+
+        The folder last written by `save_pretrained` is uploaded (or ``save_directory``, saved first when it
+        does not hold this model yet); the upload only reads it, so a failed push leaves it intact.
+
+        Returns:
+            The `huggingface_hub.CommitInfo` of the upload.
+
+        Raises:
+            HubUploadError: with the reason (invalid id, no or refused token, network loss, server error).
+        """
+        import tempfile
+
+        from .hub.push import push_folder
+
+        folder = Path(save_directory) if save_directory is not None else getattr(self, "_saved_to", None)
+        if folder is None:
+            folder = Path(tempfile.mkdtemp(prefix="optimum-recon-push-")) / repo_id.split("/")[-1]
+        if getattr(self, "_saved_to", None) != Path(folder).expanduser().resolve():
+            self.save_pretrained(folder)
+        return push_folder(self._saved_to, repo_id, private=private, token=token, revision=revision,
+                           create_pr=create_pr, commit_message=commit_message)

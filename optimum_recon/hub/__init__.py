@@ -1,6 +1,8 @@
 """Saving pruned models, their model cards, and uploading them to the Hub."""
 
-from .card import build_model_card
+from .card import base_model_license, build_model_card
+from .push import HubUploadError, push_folder
 from .save import atomic_directory, save_pruned_model
 
-__all__ = ["atomic_directory", "build_model_card", "save_pruned_model"]
+__all__ = ["HubUploadError", "atomic_directory", "base_model_license", "build_model_card", "push_folder",
+           "save_pruned_model"]

@@ -1,6 +1,13 @@
-"""The model card written next to every pruned model (`README.md`, Hub metadata in its YAML header)."""
+"""The model card written next to every pruned model (`README.md`, with Hub metadata in its YAML header).
+
+The card is generated whole from the recipe and the report on every save, so saving again never
+duplicates a section: the same inputs always give the same text.
+"""
 
 from __future__ import annotations
+
+import os
+import statistics
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -8,12 +15,98 @@ from ..configuration import PruningConfig
 from ..report import PruningReport
 from ..version import __version__
 
+# Calibration names -> the Hub datasets they load (for the card's `datasets` metadata).
+HUB_DATASETS = {"c4": "allenai/c4", "wikitext2": "Salesforce/wikitext", "ptb": "ptb-text-only/ptb_text_only"}
+
 _CITATION = """@inproceedings{shin2024rethinking,
   title     = {Rethinking Pruning Large Language Models: Benefits and Pitfalls of Reconstruction Error Minimization},
   author    = {Shin, Sungbin and Park, Wonpyo and Lee, Jaeho and Lee, Namhoon},
   booktitle = {Proceedings of the 2024 Conference on Empirical Methods in Natural Language Processing},
   year      = {2024}
 }"""
+
+_RECONSTRUCTION_WORDS = {
+    "layer": "no training after masking (layer-wise reconstruction only: {method}'s own update)",
+    "block": "block-wise reconstruction: after masking, each block's remaining weights were trained for {epochs} "
+             "epochs so that its output matches {target}",
+    "cross_block": "cross-block reconstruction: sliding windows of {window} consecutive blocks were trained jointly "
+                   "for {epochs} epochs so that their output matches {target}",
+}
+
+
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/", "~"))
+
+
+def base_model_license(base_model: str | None) -> str | None:
+    """The base model's licence from its card (a local folder or the Hub), or None when unknown."""
+    from ..data.default_model import DEFAULT_MODEL_LICENSE, DEFAULT_MODEL_NAME
+
+    if base_model == DEFAULT_MODEL_NAME:
+        return DEFAULT_MODEL_LICENSE
+    if not base_model or not (os.path.isdir(base_model) or _is_hub_id(base_model)):
+        return None
+    try:
+        path = os.path.join(base_model, "README.md")
+        card = ModelCard.load(path if os.path.isfile(path) else base_model)
+    except Exception:  # noqa: BLE001 - no card, offline, gated: the licence is simply unknown
+        return None
+    return getattr(card.data, "license", None)
+
+
+def _what_was_done(config: PruningConfig) -> str:
+    pattern = "unstructured" if config.nm is None else f"{config.pattern} semi-structured"
+    target = ("the dense model's own hidden states (global propagation)" if config.propagation == "global"
+              else "the dense block's output on the pruned model's inputs (local targets)")
+    recon = _RECONSTRUCTION_WORDS[config.reconstruction].format(
+        method=config.method, epochs=config.epochs, target=target, window=config.window)
+    if config.reconstruction != "layer" and config.lora_rank:
+        recon += f", with rank-{config.lora_rank} updates applied through the masks"
+    cal = config.calibration
+    layers = "every linear layer of every decoder block" if not config.targets else (
+        f"the linear layers matching {', '.join(f'`{t}`' for t in config.targets)}")
+    if config.ignore:
+        layers += f" except {', '.join(f'`{t}`' for t in config.ignore)}"
+    return (
+        f"Pruned one-shot with optimum-recon {__version__}. In {layers}, {config.sparsity:.0%} of the weights were "
+        f"set to zero ({pattern} sparsity), chosen by **{config.method}** from {cal.num_samples} calibration "
+        f"windows of {cal.seq_len} tokens drawn from `{cal.source}` (seed {cal.seed}), block by block; then "
+        f"{recon}. The embeddings and the LM head are dense."
+    )
+
+
+def _error_table(report: PruningReport) -> list[str]:
+    blocks = report.blocks
+    picks = sorted({0, len(blocks) // 2, len(blocks) - 1})
+    heldout = all(b.heldout_error is not None for b in blocks)
+    head = "| block | error before reconstruction | error after | normalized" + (" | held-out error |" if heldout
+                                                                                 else " |")
+    lines = ["", "Reconstruction error (MSE against the dense model's hidden states after the block, on the "
+             "calibration windows; normalized: divided by their mean square):", "", head,
+             "|" + " --- |" * (5 if heldout else 4)]
+    for i in picks:
+        b = blocks[i]
+        before = b.error_before if b.error_before is not None else b.error
+        row = f"| {b.index} | {before:.4g} | {b.error:.4g} | {b.error_normalized:.4g} |"
+        lines.append(row + (f" {b.heldout_error:.4g} |" if heldout else ""))
+    median = statistics.median(b.error_normalized for b in blocks)
+    lines.append(f"\nMedian normalized error over the {len(blocks)} blocks: {median:.4g}.")
+    return lines
+
+
+def _results(report: PruningReport | None) -> str:
+    if report is None or not report.blocks:
+        return "No pruning report was saved with this model."
+    lines = [f"Measured sparsity of the pruned layers: **{report.model_sparsity:.2%}** "
+             f"({report.pruned_parameters:,} weights); pruning took {report.total_seconds / 60:.1f} minutes on "
+             f"`{report.environment.get('device', 'unknown device')}`."]
+    if report.perplexity:
+        lines += ["", "| dataset | dense perplexity | pruned perplexity |", "| --- | --- | --- |"]
+        for name, values in report.perplexity.items():
+            fmt = lambda v: f"{v:.3f}" if v is not None else "not measured"  # noqa: E731
+            lines.append(f"| {name} | {fmt(values.get('dense'))} | {fmt(values.get('pruned'))} |")
+    lines += _error_table(report)
+    return "\n".join(lines)
 
 
 def _config_table(config: PruningConfig) -> str:
@@ -27,50 +120,31 @@ def _config_table(config: PruningConfig) -> str:
     return "\n".join(rows)
 
 
-def _results(report: PruningReport | None) -> str:
-    if report is None:
-        return "No pruning report was saved with this model."
-    lines = [
-        f"- Measured sparsity of the pruned layers: **{report.model_sparsity:.2%}** "
-        f"({report.pruned_parameters:,} weights)",
-    ]
-    if report.blocks:
-        lines.append(
-            f"- Reconstruction error of the final block (calibration data, MSE against the dense model): "
-            f"{report.final_error:.4g} (normalized: {report.blocks[-1].error_normalized:.4g})"
-        )
-    if report.perplexity:
-        lines += ["", "| dataset | dense perplexity | pruned perplexity |", "| --- | --- | --- |"]
-        for name, values in report.perplexity.items():
-            dense = values.get("dense")
-            pruned = values.get("pruned")
-            fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
-            lines.append(f"| {name} | {fmt(dense)} | {fmt(pruned)} |")
-    return "\n".join(lines)
-
-
-def build_model_card(config: PruningConfig, report: PruningReport | None, base_model: str | None = None) -> ModelCard:
+def build_model_card(
+    config: PruningConfig, report: PruningReport | None, base_model: str | None = None, license: str | None = None
+) -> ModelCard:
     """A model card saying exactly how the model was pruned, with Hub metadata."""
-    tags = ["optimum-recon", "pruned", "sparse", f"sparsity-{round(config.sparsity * 100)}"]
+    from ..cli import recipe_command
+
+    tags = ["optimum-recon", "pruned", "sparse", f"sparsity-{round(config.sparsity * 100)}", config.method,
+            f"{config.reconstruction.replace('_', '-')}-reconstruction"]
     if config.nm is not None:
         tags.append(config.pattern)
-    tags.append(config.method)
+    source = config.calibration.source
+    dataset = HUB_DATASETS.get(source, source if _is_hub_id(source) else None)
     data = ModelCardData(
-        base_model=base_model if base_model and "/" in base_model else None,
+        base_model=base_model if _is_hub_id(base_model) else None,
         library_name="transformers",
         pipeline_tag="text-generation",
+        license=license,
         tags=tags,
+        datasets=[dataset] if dataset else None,
     )
-    pattern = "unstructured" if config.nm is None else f"{config.pattern} semi-structured"
+    title = f"{base_model.rstrip('/').split('/')[-1]} pruned" if base_model else "Pruned model"
     body = f"""
-# Pruned {base_model or "model"} ({config.sparsity:.0%} {pattern} sparsity)
+# {title} to {config.sparsity:.0%} sparsity ({config.method}, {config.pattern})
 
-This model was pruned one-shot with optimum-recon
-{__version__}: each decoder block's linear layers were masked with **{config.method}**
-({pattern}, {config.sparsity:.0%} of each layer's weights set to zero) using
-{config.calibration.num_samples} calibration windows of {config.calibration.seq_len} tokens from
-`{config.calibration.source}` (seed {config.calibration.seed}), with reconstruction `{config.reconstruction}`
-and `{config.propagation}` propagation.
+{_what_was_done(config)}
 
 ## Results
 
@@ -79,17 +153,30 @@ and `{config.propagation}` propagation.
 ## How to load
 
 ```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("path-or-repo-id")
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("REPO_OR_FOLDER")
+tokenizer = AutoTokenizer.from_pretrained("REPO_OR_FOLDER")
 ```
 
-The pruned weights are stored as exact zeros in ordinary safetensors: no extra package is needed.
+The zeros are stored in ordinary safetensors: no extra package is needed to load or run the model.
+`pruning_config.json` holds the recipe and `pruning_report.json` the per-block numbers.
+
+## How to reproduce
+
+```bash
+pip install optimum-recon
+{recipe_command(config, base_model)}
+```
 
 ## Limitations
 
-Unstructured sparsity does not make inference faster or the files smaller with dense kernels: the zeros
-are stored and multiplied like any other weight. N:M (2:4) sparsity can be accelerated only by kernels and
-hardware that support it. Pruning lowers quality; check the results above on your own task.
+- Unstructured sparsity does not make inference faster or the files smaller with dense kernels: the zeros
+  are stored and multiplied like any other weight. N:M (2:4) sparsity can be accelerated only by kernels and
+  hardware that support it.
+- Pruning costs quality: compare the perplexities above, and evaluate on your own task before use.
+- Minimizing the reconstruction error on a small calibration set can overfit it; the held-out error (when
+  reported) shows how well the reconstruction generalizes.
 
 ## Configuration
 

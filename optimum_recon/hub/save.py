@@ -17,7 +17,7 @@ from typing import Iterator
 
 from ..configuration import PruningConfig
 from ..report import REPORT_NAME, PruningReport
-from .card import build_model_card
+from .card import base_model_license, build_model_card
 
 
 @contextlib.contextmanager
@@ -72,5 +72,6 @@ def save_pruned_model(
         config.save_pretrained(tmp)
         if report is not None:
             report.save(tmp / REPORT_NAME)
-        build_model_card(config, report, base_model=base_model).save(tmp / "README.md")
+        card = build_model_card(config, report, base_model=base_model, license=base_model_license(base_model))
+        card.save(tmp / "README.md")
     return Path(save_directory).expanduser().resolve()

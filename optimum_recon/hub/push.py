@@ -1,0 +1,73 @@
+"""Uploading a saved pruned model to the Hugging Face Hub with `huggingface_hub`.
+
+The upload reads the saved folder and never writes to it, so a failed push leaves the local save intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class HubUploadError(RuntimeError):
+    """A push that failed; the message says why and that the local save is intact."""
+
+
+def _explain(err: Exception) -> str:
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+
+    if isinstance(err, HFValidationError):
+        return f"the repository id is not valid ({err}); use 'namespace/name' with letters, digits, '-', '_', '.'"
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status == 401 or "401" in str(err)[:200]:
+        return "the Hub refused the token (401): log in with `hf auth login` or pass token=..."
+    if status == 403:
+        return "the token may not write to this repository (403): check its permissions or the namespace"
+    if isinstance(err, RepositoryNotFoundError):
+        return "the repository does not exist or is not visible with this token"
+    if isinstance(err, HfHubHTTPError):
+        return f"the Hub answered with an error ({str(err).splitlines()[0]})"
+    if isinstance(err, (ConnectionError, OSError)) or "connect" in type(err).__name__.lower():
+        return f"the Hub could not be reached ({type(err).__name__}: {str(err)[:200]})"
+    return f"{type(err).__name__}: {str(err)[:300]}"
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+) -> Any:
+    """Create ``repo_id`` if needed and upload ``folder`` to it; return the `CommitInfo`.
+
+    Raises:
+        HubUploadError: for an invalid id, missing or refused credentials, network loss or a server error.
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or "Upload model pruned with optimum-recon",
+        )
+    except Exception as err:  # noqa: BLE001 - every failure gets the same framing and keeps its cause
+        raise HubUploadError(
+            f"pushing {folder} to {repo_id!r} failed: {_explain(err)}. The local save at {folder} is intact; "
+            "run the push again once this is fixed."
+        ) from err

@@ -1,0 +1,163 @@
+"""Save and push against a Hub-compatible server on 127.0.0.1, driven by the real huggingface_hub client.
+
+The client runs in a subprocess: huggingface_hub reads HF_ENDPOINT (and the offline flags this test suite
+sets) once, at import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hub_server import HubServer
+
+
+@pytest.fixture(scope="module")
+def hub():
+    server = HubServer()
+    yield server
+    server.close()
+
+
+def run_client(hub, tmp_path, code: str, *args: str, check: bool = True, token: str | None = "test-token") -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "hf-home"),
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")]))
+    if token:
+        env["HF_TOKEN"] = token
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env, capture_output=True,
+                            text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    lines = result.stdout.strip().splitlines()
+    return {"returncode": result.returncode, "stderr": result.stderr,
+            **(json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {})}
+
+
+PRUNE = """
+import json, sys, torch
+from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
+model_dir, text, out, repo = sys.argv[1:5]
+config = PruningConfig(method="wanda", pattern="2:4", reconstruction="layer",
+                       calibration=CalibrationConfig(source=text, num_samples=4, seq_len=32))
+pruner = ReconPruner.from_pretrained(model_dir, config=config)
+pruner.prune(progress=False)
+pruner.save_pretrained(out)
+"""
+
+
+def test_push_then_download_gives_identical_weights(hub, tmp_path, tiny_model_dir, text_file):
+    code = PRUNE + """
+from huggingface_hub import ModelCard, snapshot_download
+from transformers import AutoModelForCausalLM
+first = pruner.push_to_hub(repo)
+second = pruner.push_to_hub(repo)  # unchanged folder: no new commit
+local = snapshot_download(repo)
+reloaded = AutoModelForCausalLM.from_pretrained(repo)
+state = pruner.model.state_dict()
+identical = all(torch.equal(t, state[n]) for n, t in reloaded.state_dict().items())
+card = ModelCard.load(repo)
+recipe = PruningConfig.from_pretrained(repo)
+print(json.dumps({"first": first.oid, "second": second.oid, "identical": identical,
+                  "files": sorted(__import__("os").listdir(local)), "tags": card.data.tags,
+                  "library": card.data.library_name, "recipe_ok": recipe == config}))
+"""
+    result = run_client(hub, tmp_path, code, str(tiny_model_dir), str(text_file), str(tmp_path / "out"), "me/tiny")
+    assert result["identical"] and result["recipe_ok"]
+    assert result["first"] == result["second"]
+    assert len(hub.state.repos["me/tiny"].history) == 2  # the initial commit and one upload
+    assert {"model.safetensors", "pruning_config.json", "pruning_report.json", "README.md"} <= set(result["files"])
+    assert {"optimum-recon", "sparsity-50", "2:4", "wanda"} <= set(result["tags"])
+    assert result["library"] == "transformers"
+
+
+def test_cli_push_and_recipe_from_the_hub(hub, tmp_path, tiny_model_dir, text_file):
+    code = """
+import sys
+from optimum_recon.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    out = tmp_path / "cli-out"
+    result = run_client(hub, tmp_path, code, "prune", "--model", str(tiny_model_dir), "--method", "magnitude",
+                        "--reconstruction", "layer", "--calibration", str(text_file), "--num-samples", "4",
+                        "--seq-len", "32", "--output", str(out), "--push-to-hub", "me/cli-model", "--no-progress")
+    assert result["returncode"] == 0
+    files = hub.state.repos["me/cli-model"].commits[hub.state.repos["me/cli-model"].branches["main"]]
+    assert "pruning_config.json" in files and files["model.safetensors"].lfs
+    again = run_client(hub, tmp_path, code, "prune", "--model", str(tiny_model_dir), "--recipe", "me/cli-model",
+                       "--calibration", str(text_file), "--output", str(tmp_path / "again"), "--no-progress")
+    assert again["returncode"] == 0
+    assert '"method": "magnitude"' in (tmp_path / "again" / "pruning_config.json").read_text()
+
+
+def test_server_error_mid_upload_is_clear_and_keeps_the_local_save(hub, tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "out"
+    hub.state.fail_next("/commit/", status=500, times=10)
+    code = PRUNE + """
+from optimum_recon.hub import HubUploadError
+try:
+    pruner.push_to_hub(repo)
+except HubUploadError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+    result = run_client(hub, tmp_path, code, str(tiny_model_dir), str(text_file), str(out), "me/broken")
+    hub.state.failures.clear()
+    assert "pushing" in result["error"] and "me/broken" in result["error"]
+    assert f"The local save at {out} is intact" in result["error"]
+    assert (out / "model.safetensors").stat().st_size > 0 and (out / "pruning_config.json").is_file()
+    repo = hub.state.repos["me/broken"]
+    assert "model.safetensors" not in repo.commits[repo.branches["main"]]  # nothing half-committed
+
+
+def test_invalid_repo_id_is_a_clear_error(hub, tmp_path, tiny_model_dir, text_file):
+    code = PRUNE + """
+from optimum_recon.hub import HubUploadError
+try:
+    pruner.push_to_hub(repo)
+except HubUploadError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+    result = run_client(hub, tmp_path, code, str(tiny_model_dir), str(text_file), str(tmp_path / "o"), "bad name/x!")
+    assert "repository id is not valid" in result["error"] and "is intact" in result["error"]
+
+
+def test_missing_token_is_a_clear_error(hub, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    code = """
+import json, sys
+from optimum_recon.hub import HubUploadError, push_folder
+try:
+    push_folder(sys.argv[1], "me/no-token")
+except HubUploadError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+    hub.state.require_token = True
+    try:
+        result = run_client(hub, tmp_path, code, str(folder), token=None)
+    finally:
+        hub.state.require_token = False
+    assert "refused the token (401)" in result["error"] and "hf auth login" in result["error"]
+    assert (folder / "config.json").read_text() == "{}"
+
+
+def test_card_is_idempotent_and_complete(tmp_path):
+    from optimum_recon import PruningConfig
+    from optimum_recon.hub import build_model_card
+
+    config = PruningConfig(pattern="2:4", calibration={"source": "c4", "num_samples": 8, "seq_len": 64})
+    a = str(build_model_card(config, None, base_model="org/base", license="mit"))
+    b = str(build_model_card(config, None, base_model="org/base", license="mit"))
+    assert a == b
+    for heading in ("## Results", "## How to load", "## How to reproduce", "## Limitations", "## Configuration",
+                    "## Citation"):
+        assert a.count(heading) == 1
+    assert "base_model: org/base" in a and "license: mit" in a and "allenai/c4" in a
+    assert "optimum-recon prune --model org/base" in a and "--pattern 2:4" in a
