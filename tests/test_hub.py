@@ -13,7 +13,6 @@ import sys
 import textwrap
 
 import pytest
-
 from hub_server import HubServer
 
 
