@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -55,6 +57,20 @@ def load_model_and_tokenizer(model_id_or_path: str, dtype: Any = None, **kwargs:
     tokenizer = AutoTokenizer.from_pretrained(model_id_or_path,
                                               trust_remote_code=kwargs.get("trust_remote_code", False))
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _recorded_warnings() -> Iterator[list[str]]:
+    """Collect the messages of warnings raised inside the block (to record them), and still show them."""
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield notes
+        finally:
+            notes.extend(str(w.message) for w in caught if issubclass(w.category, UserWarning))
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 class ReconPruner:
@@ -138,11 +154,14 @@ class ReconPruner:
         """
         if self.report is not None:
             raise RuntimeError("this model is already pruned; load it again to prune with other settings.")
-        ids, heldout = self.calibration_ids(calibration_data)
-        self.report = prune_model(
-            self.model, self.config, ids, heldout_ids=heldout, device=device, blocks_path=self.blocks_path,
-            progress=progress,
-        )
+        with _recorded_warnings() as notes:
+            ids, heldout = self.calibration_ids(calibration_data)
+            report = prune_model(
+                self.model, self.config, ids, heldout_ids=heldout, device=device, blocks_path=self.blocks_path,
+                progress=progress,
+            )
+        report.notes = list(dict.fromkeys(notes))  # e.g. "c4 could not be loaded from the Hub; using ..."
+        self.report = report
         for name, value in self._dense_perplexity.items():
             self.report.perplexity.setdefault(name, {})["dense"] = value
         return self.report

@@ -82,6 +82,7 @@ class PruningReport:
     perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # warnings raised while loading data and pruning
 
     @property
     def final_error(self) -> float | None:

