@@ -44,6 +44,13 @@ _RECIPE_FLAGS = {
     "text-column": (CalibrationConfig, "text_column", str),
     "calibration-split": (CalibrationConfig, "split", str),
     "heldout-samples": (CalibrationConfig, "heldout_samples", int),
+    "self-use": (CalibrationConfig, "self_use", str),
+    "self-temperature": (CalibrationConfig, "self_temperature", float),
+    "self-top-k": (CalibrationConfig, "self_top_k", int),
+    "self-top-p": (CalibrationConfig, "self_top_p", float),
+    "self-on-eos": (CalibrationConfig, "self_on_eos", str),
+    "self-batch-size": (CalibrationConfig, "self_batch_size", int),
+    "self-prompts": (CalibrationConfig, "self_prompts", "list"),
 }
 
 
@@ -97,7 +104,7 @@ def _add_eval_flags(parser: argparse.ArgumentParser, flag: str, default: str | N
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
     """Add the `prune` and `eval` subcommands to ``parser`` (shared by optimum-recon and optimum-cli recon)."""
-    sub = parser.add_subparsers(dest="recon_command", metavar="{prune,eval}")
+    sub = parser.add_subparsers(dest="recon_command", metavar="{prune,eval,generate-calibration}")
     prune = sub.add_parser("prune", help="Prune a model block by block and save it.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_flags(prune)
@@ -131,6 +138,21 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
                     "file or a Hub id).")
     evaluate.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     evaluate.set_defaults(recon_handler=run_eval)
+
+    generate = sub.add_parser("generate-calibration", help="Sample calibration text from the dense model itself.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_flags(generate)
+    generate.add_argument("--num-samples", type=int, default=128, help="Sequences to generate.")
+    generate.add_argument("--seq-len", type=int, default=field_default(CalibrationConfig, "seq_len"),
+                          help="Tokens per sequence.")
+    generate.add_argument("--seed", type=int, default=0, help="Seed: the same seed and settings give the same tokens.")
+    for name in ("self_temperature", "self_top_k", "self_top_p", "self_on_eos", "self_batch_size"):
+        kind = type(field_default(CalibrationConfig, name))
+        generate.add_argument(f"--{name[5:].replace('_', '-')}", dest=name, type=kind,
+                              default=field_default(CalibrationConfig, name), help=field_help(CalibrationConfig, name))
+    generate.add_argument("--prompts", nargs="+", default=None, help=field_help(CalibrationConfig, "self_prompts"))
+    generate.add_argument("--output", default=None, help="Also save the dataset (input_ids, text) to this folder.")
+    generate.set_defaults(recon_handler=run_generate)
 
 
 def _explicit_flags(argv: list[str]) -> set[str]:
@@ -212,6 +234,23 @@ def _configure_logging(verbose: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .data.self_generate import load_or_generate, save_dataset
+
+    cal = CalibrationConfig(source=f"self:{args.num_samples}" if args.num_samples > 0 else "self:0",
+                            seq_len=args.seq_len, seed=args.seed, self_temperature=args.self_temperature,
+                            self_top_k=args.self_top_k, self_top_p=args.self_top_p, self_on_eos=args.self_on_eos,
+                            self_batch_size=args.self_batch_size, self_prompts=args.prompts)
+    pruner = _load(args)
+    dataset = load_or_generate(pruner.model, pruner.tokenizer, cal, progress=not args.no_progress)
+    print(f"{len(dataset)} sequences of {args.seq_len} tokens; first: {dataset[0]['text'][:200]!r}")
+    if args.output:
+        print(f"saved to {save_dataset(dataset, args.output)}")
+    print(f"use them with: optimum-recon prune --calibration c4+self:{args.num_samples} --seq-len {args.seq_len} "
+          f"--seed {args.seed} (the cache is reused when the model, seed and settings match)")
+    return 0
 
 
 def run_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import warnings
@@ -119,7 +120,8 @@ class ReconPruner:
         `device_map`, `max_memory` and `offload_folder` are passed to `from_pretrained`.
         """
         config = config if config is not None else PruningConfig()
-        check_source(config.calibration.source)  # fail before the (possibly long) model load
+        if config.calibration.external_source is not None:  # fail before the (possibly long) model load
+            check_source(config.calibration.external_source)
         path = resolve_model_path(model_id_or_path)
         for key, value in (("device_map", device_map), ("max_memory", max_memory), ("offload_folder", offload_folder)):
             if value is not None:
@@ -129,14 +131,41 @@ class ReconPruner:
         return cls(model, tokenizer, config, model_id=model_id, blocks_path=blocks_path)
 
     def calibration_ids(
-        self, data: Sequence[str] | torch.Tensor | None = None
+        self, data: Sequence[str] | torch.Tensor | None = None, *, progress: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Calibration windows (num_samples, seq_len) and held-out windows (or None): from
-        ``config.calibration``, from a list of texts, or given as token ids (then without held-out windows)."""
+        """Calibration windows (N, seq_len) and held-out windows (or None).
+
+        From ``config.calibration`` (external windows first, then the dense model's self-generated samples),
+        from a list of texts, or given as token ids (then without held-out windows).
+        """
         if isinstance(data, torch.Tensor):
             return data, None
-        documents = list(data) if data is not None else None
-        return sample_calibration_windows(self.tokenizer, self.config.calibration, documents, with_heldout=True)
+        cal = self.config.calibration
+        if data is not None:
+            return sample_calibration_windows(self.tokenizer, cal, list(data), with_heldout=True)
+        ids, heldout = None, None
+        if cal.external_source is not None:
+            external = dataclasses.replace(cal, source=cal.external_source)
+            ids, heldout = sample_calibration_windows(self.tokenizer, external, with_heldout=True)
+        if cal.self_samples:
+            from .data.self_generate import load_or_generate
+
+            generated = load_or_generate(self.model, self.tokenizer, cal, progress=progress)
+            own = torch.tensor(generated["input_ids"], dtype=torch.long)
+            ids = own if ids is None else torch.cat([ids, own])
+            if heldout is None and cal.heldout_samples:
+                more = load_or_generate(self.model, self.tokenizer, dataclasses.replace(cal, seed=cal.seed + 1),
+                                        num_samples=cal.heldout_samples, progress=progress)
+                heldout = torch.tensor(more["input_ids"], dtype=torch.long)
+        return ids, heldout
+
+    def _statistics_samples(self, ids: torch.Tensor, data: Any) -> int | None:
+        """How many leading windows feed the masks: the external ones when self-generated samples only feed
+        reconstruction (the paper's setting)."""
+        cal = self.config.calibration
+        if data is not None or not cal.self_samples or cal.self_use == "all" or cal.external_source is None:
+            return None
+        return ids.shape[0] - cal.self_samples
 
     def prune(
         self,
@@ -155,10 +184,10 @@ class ReconPruner:
         if self.report is not None:
             raise RuntimeError("this model is already pruned; load it again to prune with other settings.")
         with _recorded_warnings() as notes:
-            ids, heldout = self.calibration_ids(calibration_data)
+            ids, heldout = self.calibration_ids(calibration_data, progress=progress)
             report = prune_model(
                 self.model, self.config, ids, heldout_ids=heldout, device=device, blocks_path=self.blocks_path,
-                progress=progress,
+                progress=progress, statistics_samples=self._statistics_samples(ids, calibration_data),
             )
         report.notes = list(dict.fromkeys(notes))  # e.g. "c4 could not be loaded from the Hub; using ..."
         self.report = report

@@ -184,3 +184,27 @@ def test_layers_sharing_an_input_share_their_statistics(calib_ids):
     for name, inputs in seen.items():  # each equals the Hessian of that layer's own inputs
         x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs[:2]])
         torch.testing.assert_close(stats[name].hessian, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reconstruction", ["layer", "block"])
+def test_statistics_come_from_the_pruned_models_inputs_only(reconstruction, calib_ids, monkeypatch):
+    """The Hessian of each block's first layer equals X^T X of the pruned model's own inputs to it: no dense-path
+    or held-out activations leak in (checked on q_proj, whose input is unaffected by pruning block i itself)."""
+    from optimum_recon.masks.sparsegpt import SparseGPT
+
+    recorded = []
+    real = SparseGPT.prune
+    monkeypatch.setattr(SparseGPT, "prune", lambda self, w, st, **kw: recorded.append(st.hessian.clone())
+                        or real(self, w, st, **kw))
+    model = make_tiny_model("llama")
+    config = PruningConfig(method="sparsegpt", reconstruction=reconstruction, epochs=0, batch_size=5)
+    prune_model(model, config, calib_ids, heldout_ids=calib_ids.flip(0)[:3], progress=False)
+    _, blocks = find_blocks(model)
+    inputs = {}
+    for i, block in enumerate(blocks):
+        block.self_attn.q_proj.register_forward_hook(lambda m, a, o, i=i: inputs.setdefault(i, []).append(a[0]))
+    with torch.no_grad():
+        model(input_ids=calib_ids, use_cache=False)
+    for i in range(len(blocks)):
+        x = inputs[i][0].reshape(-1, inputs[i][0].shape[-1])
+        torch.testing.assert_close(recorded[7 * i], 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)

@@ -83,6 +83,7 @@ class _Run:
         self.calib, self.heldout = _Split(calib), (_Split(heldout) if heldout is not None else None)
         self.requested_device = device
         self.progress = False
+        self.statistics_batches: int | None = None  # leading calibration batches that feed the masks
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # masked, untrained weights (for "before")
         self.dense_copies: dict[int, nn.Module] = {}
@@ -97,19 +98,24 @@ class _Run:
     def prune_block(self, s: int, e: int, device: torch.device) -> None:
         self.started.setdefault(e, time.perf_counter())
         block, layers = self.blocks[e], self.plan[e]
-        with StatisticsHooks(layers, self.method, device) as hooks:
+        outputs_by_split = {}
+        with StatisticsHooks(layers, self.method, device) as hooks:  # only this pass feeds the statistics
             for split in self.splits():
                 same = s == e and split.sparse[s] is split.dense[e]
                 keep_local = same or (self.window == 1 and self.config.propagation == "local")
-                hooks.active = split is self.calib  # held-out windows never influence the masks
+                hooked = split is self.calib and hooks.needed  # held-out windows never influence the masks
                 outputs = []
-                if (hooks.active and hooks.needed) or keep_local:
+                if hooked or keep_local:
                     for b, x in enumerate(split.sparse[s]):
+                        hooks.active = hooked and (self.statistics_batches is None or b < self.statistics_batches)
                         x = split.passes.chain([self.blocks[j] for j in range(s, e)], s, b, x, device)
                         outputs.append(split.passes.run(block, e, b, x, device))
-                if keep_local and self.window == 1:
-                    split.local[e] = outputs
-                split.dense[e + 1] = outputs if same else split.passes.map(block, e, split.dense[e], device)
+                outputs_by_split[id(split)] = (outputs, same, keep_local)
+        for split in self.splits():  # the dense path, with the block's dense weights, after the hooks are gone
+            outputs, same, keep_local = outputs_by_split[id(split)]
+            if keep_local and self.window == 1:
+                split.local[e] = outputs
+            split.dense[e + 1] = outputs if same else split.passes.map(block, e, split.dense[e], device)
         stats = hooks.stats
         if self.config.propagation == "local" and self.window > 1 and self.trains:
             self.dense_copies[e] = copy.deepcopy(block).to("cpu")
@@ -206,6 +212,7 @@ def prune_model(
     input_ids: torch.Tensor,
     *,
     heldout_ids: torch.Tensor | None = None,
+    statistics_samples: int | None = None,
     device: torch.device | str | None = None,
     blocks_path: str | None = None,
     progress: bool = True,
@@ -217,6 +224,8 @@ def prune_model(
         config: What to prune and how; ``config.batch_size`` windows go through each forward pass.
         input_ids: Calibration token ids (num_samples, seq_len), unpadded.
         heldout_ids: Optional held-out windows: propagated and measured, never used for masks or training.
+        statistics_samples: Only the first this many calibration windows feed the mask statistics (the rest,
+            e.g. self-generated samples, feed reconstruction only); default: all.
         device: Where blocks run; default: accelerate's choice, the block's GPU, else any GPU, else CPU.
         blocks_path: Attribute path of the decoder-block ``ModuleList`` when it cannot be discovered.
         progress: Show a progress bar.
@@ -240,11 +249,14 @@ def prune_model(
     was_training = model.training
     model.eval()
     try:
-        calib = capture_block_inputs(model, blocks, list(input_ids.split(config.batch_size)))
+        k = input_ids.shape[0] if statistics_samples is None else statistics_samples
+        batches = [b for part in (input_ids[:k], input_ids[k:]) for b in part.split(config.batch_size) if len(b)]
+        calib = capture_block_inputs(model, blocks, batches)
         heldout = None if heldout_ids is None else capture_block_inputs(
             model, blocks, list(heldout_ids.split(config.batch_size)))
         run = _Run(model, blocks, path, plan, config, calib, heldout, device)
         run.progress = progress
+        run.statistics_batches = -(-k // config.batch_size)  # batches holding the first k windows
         report = PruningReport(config=config.to_dict(), num_calibration_tokens=int(input_ids.numel()))
         _loop(run, report, progress)
     finally:
