@@ -190,6 +190,17 @@ class ReconPruner:
                 progress=progress, statistics_samples=self._statistics_samples(ids, calibration_data),
             )
         report.notes = list(dict.fromkeys(notes))  # e.g. "c4 could not be loaded from the Hub; using ..."
+        cal = self.config.calibration
+        generated = cal.self_samples if calibration_data is None else 0
+        report.calibration = {
+            "windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "self_generated": generated,
+            "external": int(ids.shape[0]) - generated, "heldout": 0 if heldout is None else int(heldout.shape[0]),
+            "for_masks": self._statistics_samples(ids, calibration_data) or int(ids.shape[0]),
+        }
+        if generated:
+            from .data.self_generate import generation_settings
+
+            report.calibration["generation"] = generation_settings(cal, cal.seq_len)
         self.report = report
         for name, value in self._dense_perplexity.items():
             self.report.perplexity.setdefault(name, {})["dense"] = value

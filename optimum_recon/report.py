@@ -83,6 +83,7 @@ class PruningReport:
     config: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings raised while loading data and pruning
+    calibration: dict[str, Any] = field(default_factory=dict)  # windows used: external, self-generated, for masks
 
     @property
     def final_error(self) -> float | None:

@@ -96,14 +96,16 @@ def test_mixed_calibration_and_masks_from_external_data_only(tiny_model_dir, tex
             source=source, num_samples=6, seq_len=16, self_use=use, self_batch_size=5))
         pruner = ReconPruner.from_pretrained(str(tiny_model_dir), config=config)
         ids, _ = pruner.calibration_ids()
-        pruner.prune(progress=False)
-        return ids, pruner.model
+        report = pruner.prune(progress=False)
+        return ids, pruner.model, report
 
-    ids, mixed = prune(f"{text_file}+self:5")
+    ids, mixed, report = prune(f"{text_file}+self:5")
     assert ids.shape == (11, 16)  # 6 external windows, then 5 generated
-    external_ids, external = prune(str(text_file))
+    assert report.calibration["external"] == 6 and report.calibration["self_generated"] == 5
+    assert report.calibration["for_masks"] == 6 and report.calibration["generation"]["top_k"] == 50
+    external_ids, external, _ = prune(str(text_file))
     assert torch.equal(ids[:6], external_ids)
     for a, b in zip(mixed.parameters(), external.parameters()):
         assert torch.equal(a, b)  # self-generated samples did not change any mask or weight
-    _, everything = prune(f"{text_file}+self:5", use="all")
+    _, everything, _ = prune(f"{text_file}+self:5", use="all")
     assert any(not torch.equal(a, b) for a, b in zip(everything.parameters(), external.parameters()))
