@@ -1,8 +1,10 @@
-"""Where a block runs, and bringing it there while it is processed.
+"""Where a block runs, bringing it there while it is processed, and writing its new weights back.
 
-All device placement and accelerate-hook handling lives here; nothing else moves weights between
-devices. Models dispatched by accelerate with CPU/disk offload (parameters on the ``meta`` device,
-weights held by the hook) are handled by onloading through accelerate's own helpers.
+All device placement and accelerate-hook handling lives here; nothing else moves weights between devices
+or touches accelerate's hooks. Models dispatched by accelerate with CPU or disk offload (parameters on the
+``meta`` device, weights held in the hooks' weights maps) are onloaded through those hooks, and pruned or
+reconstructed weights are written back into the weights maps so that later forwards, `generate`,
+evaluation and `save_pretrained` see them.
 """
 
 from __future__ import annotations
@@ -30,11 +32,6 @@ def hook_execution_device(module: nn.Module) -> torch.device | None:
     return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
 
 
-def is_offloaded(module: nn.Module) -> bool:
-    """True when accelerate keeps some of ``module``'s weights off-device (CPU RAM or disk)."""
-    return any(p.device.type == "meta" for p in module.parameters())
-
-
 def execution_device(block: nn.Module, requested: torch.device | str | None = None) -> torch.device:
     """Where ``block`` should run: the requested device, accelerate's choice, its own GPU, else the default."""
     if requested is not None:
@@ -49,15 +46,53 @@ def execution_device(block: nn.Module, requested: torch.device | str | None = No
     return default_device()
 
 
+def _offloaded_modules(block: nn.Module) -> list[nn.Module]:
+    """Sub-modules whose weights accelerate keeps in a weights map (CPU RAM or disk), not on a device."""
+    from accelerate.utils import has_offloaded_params
+
+    return [m for m in block.modules() if has_offloaded_params(m)]
+
+
+def write_back(module: nn.Module) -> None:
+    """Store ``module``'s current (on-device) parameters into its accelerate weights map.
+
+    CPU offload keeps tensors in a dict: they are replaced. Disk offload reads memory-mapped ``.dat`` files in the
+    offload folder, or the original checkpoint's safetensors files: the new values are written as ``.dat`` files
+    into the offload folder and the index is pointed at them, so the checkpoint itself is never modified.
+    """
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_weight
+
+    hook = module._hf_hook
+    weights_map = hook.weights_map
+    prefix = weights_map.prefix if isinstance(weights_map, PrefixedDataset) else ""
+    store = weights_map.dataset if isinstance(weights_map, PrefixedDataset) else weights_map
+    for name, param in module.named_parameters(recurse=hook.place_submodules):
+        key, value = prefix + name, param.detach().to("cpu")
+        if isinstance(store, OffloadedWeightsLoader):
+            if key in store.state_dict:
+                store.state_dict[key] = value
+            elif store.save_folder is None:
+                raise NotImplementedError(f"cannot write {key} back: its offload map has no folder to write to")
+            else:
+                offload_weight(value, key, store.save_folder, index=store.index)
+        elif isinstance(store, dict):
+            store[key] = value
+        else:
+            raise NotImplementedError(f"cannot write {key} back into a weights map of type {type(store).__name__}")
+
+
 @contextlib.contextmanager
 def onload(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
-    """Keep ``block`` on ``device`` for the duration of the context, then put it back where it was."""
-    if is_offloaded(block):
-        raise NotImplementedError(
-            "this block's weights are offloaded by accelerate (device_map with CPU/disk offload); pruning "
-            "offloaded models is not supported yet. Load the model without offloading (device_map=None or a "
-            "map that keeps every block on a device)."
-        )
+    """Keep ``block`` on ``device`` for the duration of the context, then put it back where it was.
+
+    Offloaded blocks (accelerate ``device_map`` with CPU or disk offload) are materialized once, their hooks are
+    told not to reload weights while the block is processed (so changes are not overwritten), and on a clean
+    exit the new weights are written back into accelerate's weights map before the block is offloaded again.
+    """
+    offloaded = _offloaded_modules(block)
+    if offloaded:
+        yield from _onload_offloaded(offloaded, device)
+        return
     params = list(block.parameters())
     original = params[0].device if params else device
     if original != device:
@@ -67,6 +102,24 @@ def onload(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
     finally:
         if original != device:
             block.to(original)
+
+
+def _onload_offloaded(modules: list[nn.Module], device: torch.device) -> Iterator[torch.device]:
+    hooks = [m._hf_hook for m in modules]
+    saved = [(h.execution_device, h.offload) for h in hooks]
+    try:
+        for module, hook in zip(modules, hooks):
+            hook.execution_device = device
+            hook.pre_forward(module)  # loads the weights from the map onto the device
+            hook.offload = False  # forwards inside the context must not reload (and undo) our changes
+        yield device
+        for module in modules:  # only after success: a failed block keeps its original weights
+            write_back(module)
+    finally:
+        for module, hook, (execution, offload) in zip(modules, hooks, saved):
+            hook.offload = offload
+            hook.post_forward(module, None)  # back to the meta device
+            hook.execution_device = execution
 
 
 def input_device(model: nn.Module) -> torch.device:

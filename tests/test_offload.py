@@ -1,0 +1,93 @@
+"""Pruning models dispatched by accelerate with CPU or disk offload gives exactly the in-memory result."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_model
+from optimum_recon import PruningConfig, prune_model
+
+DISK_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
+            "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "ckpt"
+    make_tiny_model("llama").save_pretrained(path)
+    return path
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _ids():
+    return torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("reconstruction", ["layer", "block"])
+def test_disk_offload_equals_in_memory(checkpoint, tmp_path, reconstruction):
+    config = PruningConfig(method="sparsegpt", pattern="2:4", reconstruction=reconstruction, epochs=2, batch_size=4)
+    before = _digest(checkpoint)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    ref_report = prune_model(reference, config, _ids(), progress=False)
+    offloaded = AutoModelForCausalLM.from_pretrained(checkpoint, device_map=DISK_MAP, offload_folder=tmp_path / "off",
+                                                     dtype=torch.float32)
+    assert offloaded.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    report = prune_model(offloaded, config, _ids(), progress=False)
+    assert [b.error for b in report.blocks] == [b.error for b in ref_report.blocks]
+    with torch.no_grad():  # later forwards and generate see the pruned weights
+        assert torch.equal(offloaded(input_ids=_ids()).logits, reference(input_ids=_ids()).logits)
+        gen = offloaded.generate(input_ids=_ids()[:2, :4], max_new_tokens=5, do_sample=False)
+        assert torch.equal(gen, reference.generate(input_ids=_ids()[:2, :4], max_new_tokens=5, do_sample=False))
+    offloaded.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    state = reference.state_dict()
+    assert all(torch.equal(t, state[n]) for n, t in reloaded.state_dict().items())
+    assert _digest(checkpoint) == before  # the original checkpoint is never written to
+
+
+def test_cpu_offload_equals_in_memory():
+    from accelerate import cpu_offload
+
+    config = PruningConfig(method="wanda", reconstruction="block", epochs=2, batch_size=4)
+    reference, offloaded = make_tiny_model("llama"), make_tiny_model("llama")
+    prune_model(reference, config, _ids(), progress=False)
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert offloaded.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+    prune_model(offloaded, config, _ids(), progress=False)
+    with torch.no_grad():
+        assert torch.equal(offloaded(input_ids=_ids()).logits, reference(input_ids=_ids()).logits)
+
+
+def test_a_failed_block_keeps_its_offloaded_weights(checkpoint, tmp_path, monkeypatch):
+    from optimum_recon.engine import sequential
+
+    offloaded = AutoModelForCausalLM.from_pretrained(checkpoint, device_map=DISK_MAP, offload_folder=tmp_path / "off",
+                                                     dtype=torch.float32)
+    with torch.no_grad():
+        before = offloaded(input_ids=_ids()).logits
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # block 1 (offloaded) fails after its masks would be chosen
+            raise RuntimeError("simulated failure")
+        return real(*args, **kwargs)
+
+    real = sequential.apply_masks
+    monkeypatch.setattr(sequential, "apply_masks", failing)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        prune_model(offloaded, PruningConfig(reconstruction="layer"), _ids(), progress=False)
+    q = offloaded.model.layers[1].self_attn.q_proj
+    assert q.weight.device.type == "meta" and q._hf_hook.offload  # hooks restored
+    stored = q._hf_hook.weights_map["weight"]
+    assert float((stored == 0).float().mean()) < 0.01  # block 1 on disk is still dense
+    with torch.no_grad():
+        after = offloaded(input_ids=_ids()).logits
+    assert not torch.equal(before, after)  # block 0 (on the CPU, finished) is pruned; the model still runs
