@@ -6,9 +6,9 @@ import hashlib
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_model
 from optimum_recon import PruningConfig, prune_model
 
 DISK_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
