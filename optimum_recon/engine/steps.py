@@ -28,17 +28,15 @@ class BlockPasses:
 
     def __init__(self, inputs: BlockInputs):
         self.inputs = inputs
-        self._moved: dict[tuple[int, str], Any] = {}
+        # device -> {id of a captured CPU tensor: its copy there}. Blocks mostly share their arguments (one
+        # rotary table, one mask per attention type), so each is copied to the device once per prune.
+        self._moved: dict[str, dict[int, Any]] = {}
 
     def _arguments(self, index: int, batch: int, device: torch.device) -> tuple[tuple, dict]:
-        memo: dict[int, Any] = self._moved.setdefault((id(self), str(device)), {})
+        memo = self._moved.setdefault(str(device), {})
         args = _to_device(self.inputs.args[index][batch], device, memo)
         kwargs = _to_device(self.inputs.kwargs[index][batch], device, memo)
         return args, kwargs
-
-    def release(self) -> None:
-        """Forget device copies of the arguments (called when a window leaves the device)."""
-        self._moved.clear()
 
     def run(self, block: nn.Module, index: int, batch: int, x: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Block ``index`` on captured batch ``batch`` with input ``x`` (CPU); the output on the CPU."""
