@@ -18,6 +18,8 @@ from .data.default_model import DEFAULT_MODEL_NAME, default_model_path
 from .data.sources import check_source
 from .engine.sequential import prune_model
 from .evaluation import PerplexityResult, evaluate_perplexity
+from .modeling.blocks import find_blocks
+from .modeling.offload import check_max_memory, check_offload_folder
 from .report import PruningReport
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,22 @@ def load_model_and_tokenizer(model_id_or_path: str, dtype: Any = None, **kwargs:
     tokenizer = AutoTokenizer.from_pretrained(model_id_or_path,
                                               trust_remote_code=kwargs.get("trust_remote_code", False))
     return model, tokenizer
+
+
+def _check_memory_budget(path: str, max_memory: dict, dtype: Any, blocks_path: str | None, trust: bool) -> None:
+    """Build the model on the meta device (no weights) to check that one block fits the accelerator budget."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    _, blocks = find_blocks(skeleton, blocks_path)
+    size = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if not isinstance(size, torch.dtype):
+        size = getattr(config, "dtype", None) or torch.float32
+        size = getattr(torch, size) if isinstance(size, str) else size
+    check_max_memory(max_memory, max(blocks, key=lambda b: sum(p.numel() for p in b.parameters())), size)
 
 
 @contextlib.contextmanager
@@ -123,6 +141,10 @@ class ReconPruner:
         if config.calibration.external_source is not None:  # fail before the (possibly long) model load
             check_source(config.calibration.external_source)
         path = resolve_model_path(model_id_or_path)
+        if offload_folder is not None:
+            check_offload_folder(offload_folder)
+        if max_memory:
+            _check_memory_budget(path, max_memory, dtype, blocks_path, model_kwargs.get("trust_remote_code", False))
         for key, value in (("device_map", device_map), ("max_memory", max_memory), ("offload_folder", offload_folder)):
             if value is not None:
                 model_kwargs[key] = value

@@ -91,3 +91,20 @@ def test_a_failed_block_keeps_its_offloaded_weights(checkpoint, tmp_path, monkey
     with torch.no_grad():
         after = offloaded(input_ids=_ids()).logits
     assert not torch.equal(before, after)  # block 0 (on the CPU, finished) is pruned; the model still runs
+
+
+def test_unwritable_offload_folder_is_reported_before_loading(checkpoint, tmp_path):
+    from optimum_recon import ReconPruner
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="offload_folder=.* cannot be written to"):
+        ReconPruner.from_pretrained(str(checkpoint), device_map=DISK_MAP, offload_folder=str(blocker / "off"))
+
+
+def test_max_memory_too_small_for_one_block_names_the_minimum(checkpoint):
+    from optimum_recon import ReconPruner
+
+    # one tiny Llama block holds 4*32*32 + 3*32*64 + 2*32 fp32 weights = 41,216 bytes
+    with pytest.raises(ValueError, match=r"each block needs at least 40.2 KiB .*float32"):
+        ReconPruner.from_pretrained(str(checkpoint), max_memory={0: "10KB", "cpu": "1GB"}, dtype="float32")

@@ -10,6 +10,9 @@ evaluation and `save_pretrained` see them.
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -126,3 +129,42 @@ def input_device(model: nn.Module) -> torch.device:
     """Where a model's token ids must go: its embeddings' (execution) device."""
     embeddings = model.get_input_embeddings()
     return hook_execution_device(embeddings) or embeddings.weight.device
+
+
+def check_offload_folder(folder: str | os.PathLike) -> None:
+    """Fail early, with the fix, when accelerate could not write offloaded weights into ``folder``."""
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise OSError(f"offload_folder={str(folder)!r} cannot be written to ({err.strerror or err}): choose a "
+                      "writable folder on a disk with room for the offloaded weights.") from err
+
+
+def _bytes(value: int | str) -> int:
+    from accelerate.utils import convert_file_size_to_int
+
+    return convert_file_size_to_int(value)
+
+
+def _human(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:,.1f} {unit}"
+    return f"{size} bytes"
+
+
+def check_max_memory(max_memory: dict | None, block: nn.Module, dtype: torch.dtype) -> None:
+    """Fail early when every accelerator in ``max_memory`` is too small to hold one decoder block."""
+    accelerators = {k: v for k, v in (max_memory or {}).items() if k not in ("cpu", "disk")}
+    if not accelerators:
+        return
+    need = sum(p.numel() for p in block.parameters()) * torch.finfo(dtype).bits // 8
+    if all(_bytes(v) < need for v in accelerators.values()):
+        raise ValueError(
+            f"max_memory={max_memory!r} leaves no accelerator room for one decoder block: each block needs at least "
+            f"{_human(need)} for its weights in {str(dtype).replace('torch.', '')} (plus activations and, "
+            "for BR/CR, gradients and optimizer state). Raise the limit for one device."
+        )
