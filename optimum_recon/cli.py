@@ -126,6 +126,8 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
                        help="Also upload the saved model to this Hub repository (created if needed).")
     prune.add_argument("--private", action="store_true", help="With --push-to-hub: create the repository private.")
     prune.add_argument("--device", default=None, help="Where blocks run (default: GPU if available, else CPU).")
+    prune.add_argument("--checkpoint-dir", default=None, help="Save progress after every block; run the same command "
+                       "again after an interruption to continue from the last finished block (LR and BR).")
     prune.add_argument("--blocks-path", default=None, help="Attribute path of the decoder blocks, e.g. model.layers.")
     _add_eval_flags(prune, "--eval", None, "Comma-separated datasets to evaluate before and after pruning "
                     "(wikitext2, c4, ptb, a local file or a Hub id).")
@@ -198,7 +200,7 @@ def run_prune(args: argparse.Namespace) -> int:
     datasets = [d for d in (args.eval or "").split(",") if d]
     if datasets:
         pruner.evaluate(datasets, **_eval_kwargs(args))
-    report = pruner.prune(device=args.device, progress=not args.no_progress)
+    report = pruner.prune(device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir)
     if datasets:
         pruner.evaluate(datasets, **_eval_kwargs(args))
     print(report.summary())

@@ -195,6 +195,7 @@ class ReconPruner:
         *,
         device: torch.device | str | None = None,
         progress: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
     ) -> PruningReport:
         """Prune (and reconstruct) the model in place and return the `PruningReport`.
 
@@ -202,6 +203,8 @@ class ReconPruner:
             calibration_data: Texts to cut windows from, or token ids (N, T); default: ``config.calibration``.
             device: Where each block runs (default: the GPU when there is one).
             progress: Show progress bars.
+            checkpoint_dir: Save progress after every block; a later call with the same folder (after a crash or
+                Ctrl-C) continues from the last finished block and gives the same model (LR and BR).
         """
         if self.report is not None:
             raise RuntimeError("this model is already pruned; load it again to prune with other settings.")
@@ -210,6 +213,7 @@ class ReconPruner:
             report = prune_model(
                 self.model, self.config, ids, heldout_ids=heldout, device=device, blocks_path=self.blocks_path,
                 progress=progress, statistics_samples=self._statistics_samples(ids, calibration_data),
+                checkpoint_dir=checkpoint_dir,
             )
         report.notes = list(dict.fromkeys(notes))  # e.g. "c4 could not be loaded from the Hub; using ..."
         cal = self.config.calibration

@@ -108,3 +108,39 @@ def test_max_memory_too_small_for_one_block_names_the_minimum(checkpoint):
     # one tiny Llama block: q/o 32x32, k/v 32x16 (2 KV heads), 3 MLP 32x64, 2 norms = 9,280 fp32 weights = 36.25 KiB
     with pytest.raises(ValueError, match=r"each block needs at least 36.2 KiB .*float32"):
         ReconPruner.from_pretrained(str(checkpoint), max_memory={0: "10KB", "cpu": "1GB"}, dtype="float32")
+
+
+@pytest.mark.parametrize("reconstruction", ["layer", "block"])
+def test_interrupted_then_resumed_run_equals_the_straight_run(tmp_path, monkeypatch, reconstruction):
+    from optimum_recon.engine import sequential
+
+    config = PruningConfig(method="sparsegpt", reconstruction=reconstruction, epochs=2, batch_size=4, lora_rank=0)
+    heldout = _ids().flip(0)[:4]
+    straight = make_tiny_model("qwen2")
+    expected = prune_model(straight, config, _ids(), heldout_ids=heldout, progress=False)
+
+    real = sequential._Run.finalize
+    calls = []
+
+    def interrupt(self, s, device):
+        calls.append(s)
+        if s == 2:
+            raise KeyboardInterrupt  # Ctrl-C while block 2 finishes
+        return real(self, s, device)
+
+    monkeypatch.setattr(sequential._Run, "finalize", interrupt)
+    resumed = make_tiny_model("qwen2")
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(resumed, config, _ids(), heldout_ids=heldout, progress=False, checkpoint_dir=tmp_path / "ck")
+    finished = []
+    monkeypatch.setattr(sequential._Run, "finalize", lambda self, s, d: finished.append(s) or real(self, s, d))
+    fresh = make_tiny_model("qwen2")  # a new process would start from the dense checkpoint again
+    report = prune_model(fresh, config, _ids(), heldout_ids=heldout, progress=False, checkpoint_dir=tmp_path / "ck")
+    assert finished == [2, 3]  # blocks 0 and 1 were restored, not redone
+    for a, b in zip(fresh.parameters(), straight.parameters()):
+        assert torch.equal(a, b)
+    assert [r.error for r in report.blocks] == [r.error for r in expected.blocks]
+    assert [r.heldout_error for r in report.blocks] == [r.heldout_error for r in expected.blocks]
+    with pytest.raises(ValueError, match="another recipe"):
+        prune_model(make_tiny_model("qwen2"), PruningConfig(method="wanda"), _ids(), progress=False,
+                    checkpoint_dir=tmp_path / "ck")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import time
 import warnings
 from typing import Any
@@ -36,6 +37,7 @@ from ..modeling.offload import execution_device, onload
 from ..reconstruction import WindowTask, get_reconstruction
 from ..report import BlockRecord, PruningReport, peak_cuda_mib, peak_rss_mib
 from .capture import BlockInputs, capture_block_inputs
+from .checkpoint import Checkpointer, fingerprint
 from .steps import BlockPasses, ErrorMeter, StatisticsHooks, apply_masks, param_masks
 
 logger = logging.getLogger(__name__)
@@ -216,6 +218,7 @@ def prune_model(
     device: torch.device | str | None = None,
     blocks_path: str | None = None,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> PruningReport:
     """Prune (and reconstruct) ``model`` in place, block by block, on the calibration windows ``input_ids``.
 
@@ -229,6 +232,8 @@ def prune_model(
         device: Where blocks run; default: accelerate's choice, the block's GPU, else any GPU, else CPU.
         blocks_path: Attribute path of the decoder-block ``ModuleList`` when it cannot be discovered.
         progress: Show a progress bar.
+        checkpoint_dir: Save progress here after every block, and resume from it when it holds an interrupted
+            run with the same recipe, model and calibration data (LR and BR).
 
     Returns:
         A `PruningReport` with per-block errors, sparsity and training curves.
@@ -258,20 +263,56 @@ def prune_model(
         run.progress = progress
         run.statistics_batches = -(-k // config.batch_size)  # batches holding the first k windows
         report = PruningReport(config=config.to_dict(), num_calibration_tokens=int(input_ids.numel()))
-        _loop(run, report, progress)
+        checkpointer, start_block = _resume(run, report, checkpoint_dir, input_ids, heldout_ids)
+        _loop(run, report, progress, checkpointer, start_block)
     finally:
         model.train(was_training)
     _finish_report(report, start)
     return report
 
 
+def _resume(run: _Run, report: PruningReport, folder, input_ids, heldout_ids) -> tuple[Checkpointer | None, int]:
+    """Open the checkpoint folder; when it holds an interrupted run, restore its finished blocks and activations."""
+    if folder is None:
+        return None, 0
+    if run.window > 1:
+        warnings.warn("checkpoint_dir is supported for LR and BR (windows of one block); this CR run will not be "
+                      "checkpointed.", stacklevel=3)
+        return None, 0
+    checkpointer = Checkpointer(folder, fingerprint(run.config, run.model, input_ids, heldout_ids))
+    state = checkpointer.load()
+    if state is None:
+        return checkpointer, 0
+    start = state["next_block"]
+    for j in range(start):
+        block = run.blocks[j]
+        with onload(block, execution_device(block, run.requested_device)):
+            block.load_state_dict(checkpointer.block_weights(j))
+    saved = checkpointer.activations()
+    for name, split in (("calibration", run.calib), ("heldout", run.heldout)):
+        if split is not None:
+            split.sparse, split.dense = {start: saved[f"{name}_sparse"]}, {start: saved[f"{name}_dense"]}
+    report.blocks = PruningReport.from_dict(state["report"]).blocks
+    logger.warning("resuming from %s: blocks 0-%d are done", folder, start - 1)
+    return checkpointer, start
+
+
+def _save_checkpoint(run: _Run, report: PruningReport, checkpointer: Checkpointer, j: int) -> None:
+    activations = {}
+    for name, split in (("calibration", run.calib), ("heldout", run.heldout)):
+        if split is not None:
+            activations[f"{name}_sparse"], activations[f"{name}_dense"] = split.sparse[j + 1], split.dense[j + 1]
+    checkpointer.save(j + 1, run.blocks[j], j, activations, report.to_dict())
+
+
 @torch.no_grad()
-def _loop(run: _Run, report: PruningReport, progress: bool) -> None:
+def _loop(run: _Run, report: PruningReport, progress: bool, checkpointer: Checkpointer | None = None,
+          start_block: int = 0) -> None:
     num_blocks, w = len(run.blocks), run.window
-    pruned: set[int] = set()
-    bar = tqdm(total=num_blocks, desc="Pruning blocks", unit="block", disable=not progress)
+    pruned: set[int] = set(range(start_block))
+    bar = tqdm(total=num_blocks, initial=start_block, desc="Pruning blocks", unit="block", disable=not progress)
     try:
-        for i in range(-(w - 1), num_blocks):
+        for i in range(start_block - (w - 1), num_blocks):
             s, e = max(0, i), min(i + w - 1, num_blocks - 1)
             next_start = max(0, i + 1) if i + 1 < num_blocks else num_blocks
             with contextlib.ExitStack() as stack:
@@ -293,6 +334,8 @@ def _loop(run: _Run, report: PruningReport, progress: bool) -> None:
                                 record.error_normalized)
                     bar.set_postfix(error=f"{record.error:.3g}", norm=f"{record.error_normalized:.3g}")
                     bar.update(1)
+                if checkpointer is not None:
+                    _save_checkpoint(run, report, checkpointer, s)
     finally:
         bar.close()
 

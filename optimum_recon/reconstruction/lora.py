@@ -26,13 +26,17 @@ from torch.nn.utils import parametrize
 class MaskedLowRankUpdate(nn.Module):
     """Parametrization: weight -> (weight + scale * B @ A) * mask, in the parameter's own layout."""
 
-    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, rank: int, alpha: float):
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, rank: int, alpha: float,
+                 generator: torch.Generator | None = None):
         super().__init__()
         rows, cols = weight.shape
         self.scale = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, cols, dtype=torch.float32, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(rows, rank, dtype=torch.float32, device=weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        init = torch.empty(rank, cols, dtype=torch.float32)  # drawn on the CPU: same values on every device
+        nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            self.lora_A.copy_(init)
         self.register_buffer("mask", mask.to(device=weight.device, dtype=weight.dtype), persistent=False)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -42,17 +46,19 @@ class MaskedLowRankUpdate(nn.Module):
 
 @contextlib.contextmanager
 def masked_low_rank(
-    masks: dict[nn.Parameter, torch.Tensor], modules: dict[nn.Parameter, nn.Module], rank: int, alpha: float
+    masks: dict[nn.Parameter, torch.Tensor], modules: dict[nn.Parameter, nn.Module], rank: int, alpha: float,
+    seed: int = 0,
 ) -> Iterator[list[nn.Parameter]]:
     """Attach a `MaskedLowRankUpdate` to every masked weight; yield the new trainable parameters.
 
     On exit the trained, masked weight is baked into each layer and the parametrization removed.
     """
     attached, params = [], []
+    generator = torch.Generator().manual_seed(seed)  # initialization independent of the global RNG state
     try:
         for weight, mask in masks.items():
             module = modules[weight]
-            update = MaskedLowRankUpdate(weight.detach(), mask, rank, alpha)
+            update = MaskedLowRankUpdate(weight.detach(), mask, rank, alpha, generator)
             parametrize.register_parametrization(module, "weight", update, unsafe=True)
             attached.append(module)
             params += [update.lora_A, update.lora_B]

@@ -75,7 +75,8 @@ def _trainable(task: WindowTask, config: "PruningConfig") -> Iterator[list[nn.Pa
             trainable = [p for p in params if p.requires_grad]
             if lora:
                 alpha = config.lora_alpha if config.lora_alpha is not None else float(config.lora_rank)
-                trainable += stack.enter_context(masked_low_rank(task.masks, task.modules, config.lora_rank, alpha))
+                trainable += stack.enter_context(masked_low_rank(task.masks, task.modules, config.lora_rank, alpha,
+                                                                 seed=task.seed))
             else:
                 for param, mask in task.masks.items():
                     handles.append(param.register_hook(functools.partial(_mask_gradient, mask=mask.to(param.dtype))))
