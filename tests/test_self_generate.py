@@ -109,3 +109,13 @@ def test_mixed_calibration_and_masks_from_external_data_only(tiny_model_dir, tex
         assert torch.equal(a, b)  # self-generated samples did not change any mask or weight
     _, everything, _ = prune(f"{text_file}+self:5", use="all")
     assert any(not torch.equal(a, b) for a, b in zip(everything.parameters(), external.parameters()))
+
+
+def test_generation_works_on_an_offloaded_model(tiny_tokenizer):
+    from accelerate import cpu_offload
+
+    plain, offloaded = make_tiny_model("llama"), make_tiny_model("llama")
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    a, _ = generate_samples(plain, tiny_tokenizer, _config(), 4, progress=False)
+    b, _ = generate_samples(offloaded, tiny_tokenizer, _config(), 4, progress=False)
+    assert torch.equal(a, b)
