@@ -126,6 +126,9 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
                        help="Also upload the saved model to this Hub repository (created if needed).")
     prune.add_argument("--private", action="store_true", help="With --push-to-hub: create the repository private.")
     prune.add_argument("--device", default=None, help="Where blocks run (default: GPU if available, else CPU).")
+    prune.add_argument("--activation-offload", choices=("cpu", "disk"), default="cpu",
+                       help="Keep activations between blocks in CPU memory or in files (--activation-folder).")
+    prune.add_argument("--activation-folder", default=None, help="Scratch folder for --activation-offload disk.")
     prune.add_argument("--checkpoint-dir", default=None, help="Save progress after every block; run the same command "
                        "again after an interruption to continue from the last finished block (LR and BR).")
     prune.add_argument("--blocks-path", default=None, help="Attribute path of the decoder blocks, e.g. model.layers.")
@@ -200,7 +203,8 @@ def run_prune(args: argparse.Namespace) -> int:
     datasets = [d for d in (args.eval or "").split(",") if d]
     if datasets:
         pruner.evaluate(datasets, **_eval_kwargs(args))
-    report = pruner.prune(device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir)
+    report = pruner.prune(device=args.device, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+                          activation_offload=args.activation_offload, activation_folder=args.activation_folder)
     if datasets:
         pruner.evaluate(datasets, **_eval_kwargs(args))
     print(report.summary())

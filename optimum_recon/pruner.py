@@ -196,6 +196,8 @@ class ReconPruner:
         device: torch.device | str | None = None,
         progress: bool = True,
         checkpoint_dir: str | os.PathLike | None = None,
+        activation_offload: str = "cpu",
+        activation_folder: str | os.PathLike | None = None,
     ) -> PruningReport:
         """Prune (and reconstruct) the model in place and return the `PruningReport`.
 
@@ -205,6 +207,8 @@ class ReconPruner:
             progress: Show progress bars.
             checkpoint_dir: Save progress after every block; a later call with the same folder (after a crash or
                 Ctrl-C) continues from the last finished block and gives the same model (LR and BR).
+            activation_offload: ``"disk"`` keeps the activations between blocks in files (under
+                ``activation_folder``) instead of CPU memory, for calibration sets larger than RAM.
         """
         if self.report is not None:
             raise RuntimeError("this model is already pruned; load it again to prune with other settings.")
@@ -213,7 +217,8 @@ class ReconPruner:
             report = prune_model(
                 self.model, self.config, ids, heldout_ids=heldout, device=device, blocks_path=self.blocks_path,
                 progress=progress, statistics_samples=self._statistics_samples(ids, calibration_data),
-                checkpoint_dir=checkpoint_dir,
+                checkpoint_dir=checkpoint_dir, activation_offload=activation_offload,
+                activation_folder=activation_folder,
             )
         report.notes = list(dict.fromkeys(notes))  # e.g. "c4 could not be loaded from the Hub; using ..."
         cal = self.config.calibration

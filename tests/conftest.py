@@ -25,25 +25,27 @@ def make_tiny_model(arch: str, seed: int = 0, **overrides):
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    layers = overrides.pop("num_hidden_layers", None)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers or 3,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     if arch == "llama":
         config = tf.LlamaConfig(**common)
     elif arch == "mistral":
         config = tf.MistralConfig(**common, sliding_window=8)
     elif arch == "qwen2":
-        config = tf.Qwen2Config(**{**common, "num_hidden_layers": 4}, use_sliding_window=True, sliding_window=8,
-                                max_window_layers=2)
+        config = tf.Qwen2Config(**{**common, "num_hidden_layers": layers or 4}, use_sliding_window=True,
+                                sliding_window=8, max_window_layers=2)
     elif arch == "gemma2":
         config = tf.Gemma2Config(**common, head_dim=8, sliding_window=8)
     elif arch == "gemma3":
-        config = tf.Gemma3TextConfig(**{**common, "num_hidden_layers": 4}, head_dim=8, sliding_window=8,
+        config = tf.Gemma3TextConfig(**{**common, "num_hidden_layers": layers or 4}, head_dim=8, sliding_window=8,
                                      sliding_window_pattern=2)
     elif arch == "opt":
-        config = tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=3, num_attention_heads=4,
+        config = tf.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=layers or 3,
+                              num_attention_heads=4,
                               max_position_embeddings=128, word_embed_proj_dim=32)
     elif arch == "gpt2":
-        config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+        config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers or 3, n_head=4, n_positions=128,
                                bos_token_id=0, eos_token_id=0)
     else:
         raise ValueError(arch)

@@ -144,3 +144,37 @@ def test_interrupted_then_resumed_run_equals_the_straight_run(tmp_path, monkeypa
     with pytest.raises(ValueError, match="another recipe"):
         prune_model(make_tiny_model("qwen2"), PruningConfig(method="wanda"), _ids(), progress=False,
                     checkpoint_dir=tmp_path / "ck")
+
+
+@pytest.mark.parametrize("reconstruction, propagation", [("layer", "global"), ("block", "local"),
+                                                         ("cross_block", "global")])
+def test_activations_on_disk_give_the_same_result(tmp_path, reconstruction, propagation, monkeypatch):
+    from optimum_recon.engine.activations import DiskTensorList
+
+    written, live = [], []
+    real = DiskTensorList.append
+
+    def spy(self, tensor):
+        real(self, tensor)
+        written.append(1)
+        live.append(len(list(self.folder.iterdir())))
+
+    monkeypatch.setattr(DiskTensorList, "append", spy)
+    config = PruningConfig(method="wanda", reconstruction=reconstruction, propagation=propagation, epochs=2,
+                           batch_size=4)
+    heldout = _ids().flip(0)[:4]
+    in_memory, on_disk = make_tiny_model("gemma2", num_hidden_layers=6), make_tiny_model("gemma2", num_hidden_layers=6)
+    a = prune_model(in_memory, config, _ids(), heldout_ids=heldout, progress=False)
+    b = prune_model(on_disk, config, _ids(), heldout_ids=heldout, progress=False, activation_offload="disk",
+                    activation_folder=tmp_path / "acts")
+    for pa, pb in zip(in_memory.parameters(), on_disk.parameters()):
+        assert torch.equal(pa, pb)
+    assert [r.error for r in a.blocks] == [r.error for r in b.blocks]
+    assert [r.heldout_error for r in a.blocks] == [r.heldout_error for r in b.blocks]
+    assert list((tmp_path / "acts").iterdir()) == []  # the scratch files are gone
+    assert written and max(live) < len(written) / 2  # batches really went to disk, and finished depths were freed
+
+
+def test_activation_offload_bad_value():
+    with pytest.raises(ValueError, match="activation_offload='ram'"):
+        prune_model(make_tiny_model("llama"), PruningConfig(), _ids(), activation_offload="ram", progress=False)

@@ -36,6 +36,7 @@ from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers
 from ..modeling.offload import execution_device, onload
 from ..reconstruction import WindowTask, get_reconstruction
 from ..report import BlockRecord, PruningReport, peak_cuda_mib, peak_rss_mib
+from .activations import ActivationStore
 from .capture import BlockInputs, capture_block_inputs
 from .checkpoint import Checkpointer, fingerprint
 from .steps import BlockPasses, ErrorMeter, StatisticsHooks, apply_masks, param_masks
@@ -64,25 +65,39 @@ def validate_layers(plan: list[list[LinearLayer]], config: PruningConfig, blocks
 
 
 class _Split:
-    """One data split (calibration or held-out): captured arguments and activations by depth (CPU)."""
+    """One data split (calibration or held-out): captured arguments and activations by depth."""
 
-    def __init__(self, inputs: BlockInputs):
+    def __init__(self, inputs: BlockInputs, store: ActivationStore):
         self.passes = BlockPasses(inputs)
-        self.sparse: dict[int, list[torch.Tensor]] = {0: inputs.hidden}
-        self.dense: dict[int, list[torch.Tensor]] = {0: inputs.hidden}  # the same list: x_0 == x̄_0
-        self.local: dict[int, list[torch.Tensor]] = {}
+        hidden = store.adopt(inputs.hidden)
+        inputs.hidden = []  # the store holds them now (on disk with activation_offload="disk")
+        self.sparse: dict[int, Any] = {0: hidden}
+        self.dense: dict[int, Any] = {0: hidden}  # the same list: x_0 == x̄_0
+        self.local: dict[int, Any] = {}
+
+    def drop(self, depth: int) -> None:
+        """Forget the activations at ``depth``, deleting files no other depth still uses."""
+        stores = (self.sparse, self.dense, self.local)
+        gone = [store.pop(depth, None) for store in stores]
+        kept = [v for store in stores for v in store.values()]
+        for value in {id(v): v for v in gone if v is not None}.values():
+            if hasattr(value, "release") and not any(value is k for k in kept):
+                value.release()
 
 
 class _Run:
     """State of one prune: the schedule, the current masks and the activations in flight."""
 
-    def __init__(self, model, blocks, path, plan, config, calib: BlockInputs, heldout: BlockInputs | None, device):
+    def __init__(self, model, blocks, path, plan, config, calib: BlockInputs, heldout: BlockInputs | None, device,
+                 store: ActivationStore | None = None):
         self.model, self.blocks, self.path, self.plan, self.config = model, blocks, path, plan, config
+        self.store = store if store is not None else ActivationStore()
         self.method = get_mask_method(config.method)
         self.reconstruction = get_reconstruction(config.reconstruction)
         self.trains = self.reconstruction.trains and config.epochs > 0
         self.window = min(self.reconstruction.window_size(config), len(blocks))
-        self.calib, self.heldout = _Split(calib), (_Split(heldout) if heldout is not None else None)
+        self.calib = _Split(calib, self.store)
+        self.heldout = _Split(heldout, self.store) if heldout is not None else None
         self.requested_device = device
         self.progress = False
         self.statistics_batches: int | None = None  # leading calibration batches that feed the masks
@@ -106,7 +121,7 @@ class _Run:
                 same = s == e and split.sparse[s] is split.dense[e]
                 keep_local = same or (self.window == 1 and self.config.propagation == "local")
                 hooked = split is self.calib and hooks.needed  # held-out windows never influence the masks
-                outputs = []
+                outputs = self.store.new()
                 if hooked or keep_local:
                     for b, x in enumerate(split.sparse[s]):
                         hooks.active = hooked and (self.statistics_batches is None or b < self.statistics_batches)
@@ -117,7 +132,8 @@ class _Run:
             outputs, same, keep_local = outputs_by_split[id(split)]
             if keep_local and self.window == 1:
                 split.local[e] = outputs
-            split.dense[e + 1] = outputs if same else split.passes.map(block, e, split.dense[e], device)
+            split.dense[e + 1] = outputs if same else split.passes.map(block, e, split.dense[e], device,
+                                                                      out=self.store.new())
         stats = hooks.stats
         if self.config.propagation == "local" and self.window > 1 and self.trains:
             self.dense_copies[e] = copy.deepcopy(block).to("cpu")
@@ -129,11 +145,11 @@ class _Run:
     # --- step 2: reconstruct the window -------------------------------------------------------------------
     def reconstruct(self, s: int, e: int, step: int, device: torch.device) -> None:
         calib = self.calib
-        inputs = torch.cat(calib.sparse[s])
+        inputs = torch.cat(list(calib.sparse[s]))
         if self.config.propagation == "global":
-            targets = torch.cat(calib.dense[e + 1])
+            targets = torch.cat(list(calib.dense[e + 1]))
         elif self.window == 1:
-            targets = torch.cat(calib.local[s])
+            targets = torch.cat(list(calib.local[s]))
         else:
             copies = [self.dense_copies[j].to(device) for j in range(s, e + 1)]
             targets = torch.cat([calib.passes.chain(copies, s, b, x, device) for b, x in enumerate(calib.sparse[s])])
@@ -163,7 +179,7 @@ class _Run:
                              layers=self.layer_records.pop(s), reconstruction={"windows": self.train_info.pop(s, [])})
         for split in self.splits():
             meter, local_meter = ErrorMeter(), ErrorMeter()
-            outputs = []
+            outputs = self.store.new()
             for b, x in enumerate(split.sparse[s]):
                 y = split.passes.run(block, s, b, x, device)
                 meter.update(y, split.dense[s + 1][b])
@@ -174,8 +190,7 @@ class _Run:
             record.set_errors("heldout" if split is self.heldout else "calibration", meter, before,
                               local_meter if s in split.local else None)
             split.sparse[s + 1] = outputs
-            for store in (split.sparse, split.dense, split.local):
-                store.pop(s, None)
+            split.drop(s)
         self.snapshots.pop(s, None)
         self.masks.pop(s, None)
         self.dense_copies.pop(s, None)
@@ -219,6 +234,8 @@ def prune_model(
     blocks_path: str | None = None,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
+    activation_offload: str = "cpu",
+    activation_folder: str | os.PathLike | None = None,
 ) -> PruningReport:
     """Prune (and reconstruct) ``model`` in place, block by block, on the calibration windows ``input_ids``.
 
@@ -234,6 +251,8 @@ def prune_model(
         progress: Show a progress bar.
         checkpoint_dir: Save progress here after every block, and resume from it when it holds an interrupted
             run with the same recipe, model and calibration data (LR and BR).
+        activation_offload: Keep the activations between blocks in CPU memory (``"cpu"``) or in files
+            (``"disk"``, under ``activation_folder`` or the optimum-recon cache; deleted at the end).
 
     Returns:
         A `PruningReport` with per-block errors, sparsity and training curves.
@@ -251,6 +270,7 @@ def prune_model(
     validate_layers(plan, config, path)
     _check_sizes(config, len(blocks), input_ids.shape[0])
 
+    store = ActivationStore(activation_offload, activation_folder)
     was_training = model.training
     model.eval()
     try:
@@ -259,7 +279,7 @@ def prune_model(
         calib = capture_block_inputs(model, blocks, batches)
         heldout = None if heldout_ids is None else capture_block_inputs(
             model, blocks, list(heldout_ids.split(config.batch_size)))
-        run = _Run(model, blocks, path, plan, config, calib, heldout, device)
+        run = _Run(model, blocks, path, plan, config, calib, heldout, device, store)
         run.progress = progress
         run.statistics_batches = -(-k // config.batch_size)  # batches holding the first k windows
         report = PruningReport(config=config.to_dict(), num_calibration_tokens=int(input_ids.numel()))
@@ -267,6 +287,7 @@ def prune_model(
         _loop(run, report, progress, checkpointer, start_block)
     finally:
         model.train(was_training)
+        store.close()
     _finish_report(report, start)
     return report
 
@@ -291,7 +312,10 @@ def _resume(run: _Run, report: PruningReport, folder, input_ids, heldout_ids) ->
     saved = checkpointer.activations()
     for name, split in (("calibration", run.calib), ("heldout", run.heldout)):
         if split is not None:
-            split.sparse, split.dense = {start: saved[f"{name}_sparse"]}, {start: saved[f"{name}_dense"]}
+            for depth in list(split.sparse):
+                split.drop(depth)
+            split.sparse = {start: run.store.adopt(saved[f"{name}_sparse"])}
+            split.dense = {start: run.store.adopt(saved[f"{name}_dense"])}
     report.blocks = PruningReport.from_dict(state["report"]).blocks
     logger.warning("resuming from %s: blocks 0-%d are done", folder, start - 1)
     return checkpointer, start
@@ -301,7 +325,8 @@ def _save_checkpoint(run: _Run, report: PruningReport, checkpointer: Checkpointe
     activations = {}
     for name, split in (("calibration", run.calib), ("heldout", run.heldout)):
         if split is not None:
-            activations[f"{name}_sparse"], activations[f"{name}_dense"] = split.sparse[j + 1], split.dense[j + 1]
+            activations[f"{name}_sparse"] = list(split.sparse[j + 1])
+            activations[f"{name}_dense"] = list(split.dense[j + 1])
     checkpointer.save(j + 1, run.blocks[j], j, activations, report.to_dict())
 
 

@@ -28,6 +28,7 @@ class BlockPasses:
 
     def __init__(self, inputs: BlockInputs):
         self.inputs = inputs
+        self.sizes = [h.shape[0] for h in inputs.hidden]  # batch sizes, kept when the hidden states move to disk
         # device -> {id of a captured CPU tensor: its copy there}. Blocks mostly share their arguments (one
         # rotary table, one mask per attention type), so each is copied to the device once per prune.
         self._moved: dict[str, dict[int, Any]] = {}
@@ -43,8 +44,12 @@ class BlockPasses:
         args, kwargs = self._arguments(index, batch, device)
         return _first(block(x.to(device, non_blocking=True), *args, **kwargs)).to("cpu")
 
-    def map(self, block: nn.Module, index: int, batches: list[torch.Tensor], device) -> list[torch.Tensor]:
-        return [self.run(block, index, b, x, device) for b, x in enumerate(batches)]
+    def map(self, block: nn.Module, index: int, batches, device, out: list | None = None):
+        """Run the block on every batch; append the outputs to ``out`` (a new list by default)."""
+        out = [] if out is None else out
+        for b, x in enumerate(batches):
+            out.append(self.run(block, index, b, x, device))
+        return out
 
     def chain(self, modules: list[nn.Module], first: int, batch: int, x: torch.Tensor, device) -> torch.Tensor:
         """Run ``modules`` (blocks ``first``, ``first + 1``, ...) one after the other; CPU in, CPU out."""
@@ -61,10 +66,9 @@ class BlockPasses:
         return x
 
     def _batch_of_size(self, size: int) -> int:
-        for b, hidden in enumerate(self.inputs.hidden):
-            if hidden.shape[0] == size:
-                return b
-        raise ValueError(f"no captured batch of size {size}; sizes: {[h.shape[0] for h in self.inputs.hidden]}")
+        if size in self.sizes:
+            return self.sizes.index(size)
+        raise ValueError(f"no captured batch of size {size}; sizes: {self.sizes}")
 
 
 class ErrorMeter:
