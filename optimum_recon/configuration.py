@@ -68,7 +68,9 @@ class CalibrationConfig:
             reported; they never influence masks or training.
         self_use: With self-generated samples (`source="c4+self:256"`): `reconstruction` (the paper's choice:
             masks come from the external data, self-generated samples feed reconstruction only) or `all`.
-        self_temperature / self_top_k / self_top_p: Sampling settings of the dense model's `generate`.
+        self_temperature: Sampling temperature of the dense model's `generate`.
+        self_top_k: Top-k sampling (0: off).
+        self_top_p: Nucleus-sampling threshold.
         self_prompts: Texts to start generations from (cycled); default: a first token drawn uniformly from
             the vocabulary, special tokens excluded (the paper's choice).
         self_on_eos: `continue` (the end-of-sequence token is suppressed until `seq_len` tokens exist) or
@@ -290,6 +292,7 @@ class PruningConfig:
 
     # --- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Every setting as plain JSON-able values, stamped with the optimum-recon version."""
         data = asdict(self)
         data["optimum_recon_version"] = __version__
         return data

@@ -8,7 +8,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -21,6 +21,10 @@ from .evaluation import PerplexityResult, evaluate_perplexity
 from .modeling.blocks import find_blocks
 from .modeling.offload import check_max_memory, check_offload_folder
 from .report import PruningReport
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import CommitInfo
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +114,8 @@ class ReconPruner:
         ```
     """
 
-    def __init__(self, model, tokenizer, config: PruningConfig | None = None, *, model_id: str | None = None,
-                 blocks_path: str | None = None):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PruningConfig | None = None,
+                 *, model_id: str | None = None, blocks_path: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config if config is not None else PruningConfig()
@@ -283,14 +287,14 @@ class ReconPruner:
         revision: str | None = None,
         create_pr: bool = False,
         commit_message: str | None = None,
-    ):
+    ) -> CommitInfo:
         """Upload the pruned model (with its recipe, report and model card) to the Hub.
 
         The folder last written by `save_pretrained` is uploaded (or ``save_directory``, saved first when it
         does not hold this model yet); the upload only reads it, so a failed push leaves it intact.
 
         Returns:
-            The `huggingface_hub.CommitInfo` of the upload.
+            The `huggingface_hub` commit of the upload.
 
         Raises:
             HubUploadError: with the reason (invalid id, no or refused token, network loss, server error).

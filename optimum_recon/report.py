@@ -91,6 +91,7 @@ class PruningReport:
         return self.blocks[-1].error if self.blocks else None
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-able values (with `final_error`)."""
         data = asdict(self)
         data["final_error"] = self.final_error
         return data
@@ -108,6 +109,7 @@ class PruningReport:
         return cls(blocks=blocks, **known)
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the report as JSON (`pruning_report.json` in a saved model)."""
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(self.to_dict(), fh, indent=2)
             fh.write("\n")
