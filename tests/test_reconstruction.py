@@ -235,3 +235,12 @@ def test_plot_of_block_errors(calib_ids, tmp_path):
     path = plot_block_errors(reports, tmp_path / "errors.png")
     data = (tmp_path / "errors.png").read_bytes()
     assert path.endswith("errors.png") and data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_training_batches_of_a_size_no_data_batch_has(calib_ids):
+    """12 windows split 6 + 6 (masks from the first 6) with batch_size 8: training batches of 8 get their
+    block arguments from a probe captured for that size."""
+    model = make_tiny_model("gemma2")
+    report = prune_model(model, PruningConfig(method="wanda", epochs=2, batch_size=8), calib_ids,
+                         statistics_samples=6, progress=False)
+    assert all(w["steps"] == 2 for b in report.blocks for w in b.reconstruction["windows"])

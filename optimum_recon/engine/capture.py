@@ -9,7 +9,7 @@ rotary tables), so arguments are kept per block; identical tensors are stored on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ class BlockInputs:
     hidden: list[torch.Tensor]  # [batch] (B, T, H)
     args: list[list[tuple]]  # [block][batch] positional arguments after hidden_states
     kwargs: list[list[dict[str, Any]]]  # [block][batch] keyword arguments
+    sizes: list[int] = field(default_factory=list)  # [batch] batch sizes, probes (arguments only) included
 
 
 def _to_device(obj: Any, device: torch.device | str, memo: dict[int, Any]) -> Any:
@@ -112,8 +113,17 @@ class _Store:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]) -> BlockInputs:
-    """Run ``model`` on each batch of token ids up to its blocks and record what each block receives."""
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], probe_sizes: tuple[int, ...] = ()
+) -> BlockInputs:
+    """Run ``model`` on each batch of token ids up to its blocks and record what each block receives.
+
+    ``probe_sizes``: batch sizes whose block arguments are wanted too (training batches of a size no data
+    batch has); they are captured from the first windows and keep no hidden states.
+    """
+    sizes = [b.shape[0] for b in batches]
+    probes = [torch.cat(batches)[:n] for n in probe_sizes if n not in sizes]
+    batches = list(batches) + probes
     store = _Store(len(blocks))
     originals = list(blocks)
     device = input_device(model)
@@ -131,4 +141,5 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
-    return BlockInputs(hidden=store.hidden, args=store.args, kwargs=store.kwargs)
+    hidden = store.hidden[: len(store.hidden) - len(probes)]
+    return BlockInputs(hidden=hidden, args=store.args, kwargs=store.kwargs, sizes=[b.shape[0] for b in batches])

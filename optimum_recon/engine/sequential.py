@@ -276,7 +276,9 @@ def prune_model(
     try:
         k = input_ids.shape[0] if statistics_samples is None else statistics_samples
         batches = [b for part in (input_ids[:k], input_ids[k:]) for b in part.split(config.batch_size) if len(b)]
-        calib = capture_block_inputs(model, blocks, batches)
+        trains = get_reconstruction(config.reconstruction).trains and config.epochs > 0
+        probes = (min(config.batch_size, input_ids.shape[0]),) if trains else ()
+        calib = capture_block_inputs(model, blocks, batches, probe_sizes=probes)
         heldout = None if heldout_ids is None else capture_block_inputs(
             model, blocks, list(heldout_ids.split(config.batch_size)))
         run = _Run(model, blocks, path, plan, config, calib, heldout, device, store)

@@ -28,7 +28,8 @@ class BlockPasses:
 
     def __init__(self, inputs: BlockInputs):
         self.inputs = inputs
-        self.sizes = [h.shape[0] for h in inputs.hidden]  # batch sizes, kept when the hidden states move to disk
+        # batch sizes of every captured batch (probes included), kept when the hidden states move to disk
+        self.sizes = inputs.sizes or [h.shape[0] for h in inputs.hidden]
         # device -> {id of a captured CPU tensor: its copy there}. Blocks mostly share their arguments (one
         # rotary table, one mask per attention type), so each is copied to the device once per prune.
         self._moved: dict[str, dict[int, Any]] = {}
