@@ -67,21 +67,13 @@ def calib_ids():
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory):
-    """A byte-level BPE tokenizer with VOCAB entries, trained on a few sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with at most VOCAB entries (optimum_recon.testing)."""
+    from optimum_recon.testing import tiny_tokenizer as make
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"], show_progress=False,
-                                  initial_alphabet=[])
-    text = ["the quick brown fox jumps over the lazy dog"] * 20
-    tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-    assert len(fast) <= VOCAB
-    return fast
+    tokenizer = make(VOCAB)
+    assert len(tokenizer) <= VOCAB
+    return tokenizer
 
 
 @pytest.fixture
@@ -97,14 +89,9 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
 @pytest.fixture
 def text_file(tmp_path):
     """A local text file long enough for calibration and evaluation of the tiny tokenizer."""
-    import random
+    from optimum_recon.testing import save_tiny_text
 
-    rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog a cat sat on mat".split()
-    lines = [" ".join(rng.choice(words) for _ in range(60)) for _ in range(80)]
-    path = tmp_path / "text.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return save_tiny_text(tmp_path / "text.txt")
 
 
 @pytest.fixture
