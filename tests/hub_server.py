@@ -132,6 +132,17 @@ class _Handler(BaseHTTPRequestHandler):
                 return True
         return False
 
+    def _repo_at(self, ns: str, name: str, rev: str) -> tuple[Repo, str] | None:
+        """The repository and the commit ``rev`` names, or None after answering 404."""
+        repo = self._repo(ns, name)
+        if repo is None:
+            return None
+        sha = repo.resolve(rev)
+        if sha is None:
+            self._error(404, "RevisionNotFound", f"Revision {rev} not found")
+            return None
+        return repo, sha
+
     def _repo(self, ns: str, name: str, head: bool = False) -> Repo | None:
         repo = self.state.repos.get(f"{ns}/{name}")
         if repo is None:
@@ -200,12 +211,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200 if created else 409, {"url": f"{self._base()}/{repo_id}", "name": repo_id})
 
     def _info(self, ns: str, name: str, rev: str) -> None:
-        repo = self._repo(ns, name)
-        if repo is None:
+        found = self._repo_at(ns, name, rev)
+        if found is None:
             return
-        sha = repo.resolve(rev)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Revision {rev} not found")
+        repo, sha = found
         files = repo.commits[sha]
         siblings = [{"rfilename": p, "size": f.data.__len__(), "blobId": git_blob_sha1(f.data),
                      **({"lfs": {"sha256": f.oid, "size": len(f.data), "pointerSize": 134}} if f.lfs else {})}
@@ -214,12 +223,10 @@ class _Handler(BaseHTTPRequestHandler):
                          "private": False, "tags": [], "downloads": 0, "likes": 0})
 
     def _tree(self, ns: str, name: str, rev: str, prefix: str, query: dict) -> None:
-        repo = self._repo(ns, name)
-        if repo is None:
+        found = self._repo_at(ns, name, rev)
+        if found is None:
             return
-        sha = repo.resolve(rev)
-        if sha is None:
-            return self._error(404, "RevisionNotFound", f"Revision {rev} not found")
+        repo, sha = found
         recursive = query.get("recursive", ["false"])[0] == "true"
         entries, dirs = [], set()
         for path, f in sorted(repo.commits[sha].items()):
@@ -260,12 +267,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"transfer": "basic", "objects": objects}, {"Content-Type": "application/vnd.git-lfs+json"})
 
     def _commit(self, ns: str, name: str, rev: str, body: bytes, query: dict) -> None:
-        repo = self._repo(ns, name)
-        if repo is None:
+        found = self._repo_at(ns, name, rev)
+        if found is None:
             return
-        parent = repo.resolve(rev)
-        if parent is None:
-            return self._error(404, "RevisionNotFound", f"Revision {rev} not found")
+        repo, parent = found
         files = dict(repo.commits[parent])
         summary = ""
         for line in body.decode().splitlines():
