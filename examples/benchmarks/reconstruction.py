@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--eval-seq-len", type=int, default=1024)
     parser.add_argument("--output", default=str(HERE / "results" / "reconstruction.json"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --output (same settings) and run only the missing ones")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -96,16 +98,27 @@ def main() -> None:
         env["OPTIMUM_RECON_DATA_DIR"] = str(Path(args.data_dir).resolve())
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "commit": commit,
-               "settings": {k: v for k, v in vars(args).items() if k not in ("child", "output")}, "runs": []}
+               "settings": {k: v for k, v in vars(args).items() if k not in ("child", "output", "resume", "methods",
+                                                                              "rows")}, "runs": []}
+    if args.resume and Path(args.output).is_file():
+        previous = json.loads(Path(args.output).read_text())
+        if previous["settings"] != results["settings"]:
+            raise SystemExit(f"--resume: {args.output} was run with other settings: {previous['settings']}")
+        results["runs"] = previous["runs"]
+        results["commit"] = sorted({previous["commit"], commit}) if previous["commit"] != commit else commit
+    done = {(r["method"], r["row"]) for r in results["runs"]}
     for method in args.methods.split(","):
         for row in args.rows.split(","):
+            if (method, row) in done:
+                continue
+            start = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", method, row], env=env,
                                  capture_output=True, text=True)
             if out.returncode != 0:
                 sys.stderr.write(out.stderr[-4000:])
                 raise SystemExit(f"{method} {row} failed")
             results["runs"].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"{method} {row}: done", flush=True)
+            print(f"{method} {row}: done in {time.perf_counter() - start:.0f} s", flush=True)
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
     print(table(results))
