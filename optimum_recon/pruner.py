@@ -272,7 +272,8 @@ class ReconPruner:
         from .hub.save import save_pruned_model
 
         path = save_pruned_model(
-            self.model, self.tokenizer, self.config, self.report, save_directory, base_model=self.model_id, **kwargs
+            self.model, self.tokenizer, self.config, self.report, save_directory, base_model=self.model_id,
+            blocks_path=self.blocks_path, **kwargs
         )
         self._saved_to = path
         return path

@@ -178,3 +178,36 @@ def test_activations_on_disk_give_the_same_result(tmp_path, reconstruction, prop
 def test_activation_offload_bad_value():
     with pytest.raises(ValueError, match="activation_offload='ram'"):
         prune_model(make_tiny_model("llama"), PruningConfig(), _ids(), activation_offload="ram", progress=False)
+
+
+def test_offloaded_save_writes_block_by_block(checkpoint, tmp_path, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+
+    from optimum_recon.hub.save import save_pruned_model
+
+    config = PruningConfig(method="wanda")
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    prune_model(reference, config, _ids(), progress=False)
+    offloaded = AutoModelForCausalLM.from_pretrained(checkpoint, device_map=DISK_MAP, offload_folder=tmp_path / "off",
+                                                     dtype=torch.float32)
+    prune_model(offloaded, config, _ids(), progress=False)
+
+    shards, real_save = [], modeling_utils.safe_save_file
+
+    def spy(tensors, filename, metadata=None):
+        shards.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", spy)
+    save_pruned_model(reference, None, config, None, tmp_path / "in_memory")
+    assert len(shards) == 1
+    shards.clear()
+    save_pruned_model(offloaded, None, config, None, tmp_path / "offloaded")
+    block = sum(p.numel() * 4 for p in reference.model.layers[0].parameters())
+    largest_tensor = max(p.numel() * 4 for p in reference.parameters())
+    assert len(shards) > 2 and max(shards) <= max(block, largest_tensor)  # never the whole model at once
+    assert sum(shards) >= sum(p.numel() * 4 for p in reference.parameters()) - largest_tensor  # tied head once
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "in_memory", dtype=torch.float32).state_dict()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "offloaded", dtype=torch.float32).state_dict()
+    assert expected.keys() == reloaded.keys()
+    assert all(torch.equal(t, expected[n]) for n, t in reloaded.items())

@@ -12,6 +12,7 @@ import errno
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -63,10 +64,20 @@ def save_pruned_model(
     *,
     base_model: str | None = None,
     max_shard_size: str | int = "5GB",
+    blocks_path: str | None = None,
 ) -> Path:
-    """Save weights (safetensors), tokenizer, `pruning_config.json`, `pruning_report.json` and a model card."""
-    with atomic_directory(save_directory) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    """Save weights (safetensors), tokenizer, `pruning_config.json`, `pruning_report.json` and a model card.
+
+    A model dispatched with CPU or disk offload is written block by block: each shard holds at most one decoder
+    block, so the save never brings more than that into memory (see `offloaded_shard_size`).
+    """
+    from ..modeling.offload import offloaded_shard_size
+
+    shard_size = offloaded_shard_size(model, max_shard_size, blocks_path)
+    with atomic_directory(save_directory) as tmp, warnings.catch_warnings():
+        # transformers warns that an offloaded save needs CPU memory for a whole shard; ours is one block.
+        warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+        model.save_pretrained(tmp, max_shard_size=shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config.save_pretrained(tmp)

@@ -168,3 +168,34 @@ def check_max_memory(max_memory: dict | None, block: nn.Module, dtype: torch.dty
             f"{_human(need)} for its weights in {str(dtype).replace('torch.', '')} (plus activations and, "
             "for BR/CR, gradients and optimizer state). Raise the limit for one device."
         )
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """Whether some of ``model``'s weights live in accelerate weights maps (CPU RAM or disk) instead of on a device."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return any(v in ("cpu", "disk") for v in device_map.values()) and bool(_offloaded_modules(model))
+
+
+def _nbytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)  # works on meta tensors too
+
+
+def offloaded_shard_size(model: nn.Module, requested: int | str, blocks_path: str | None = None) -> int:
+    """The shard size for saving ``model``: for an offloaded model, at most one decoder block.
+
+    transformers' `save_pretrained` brings every tensor of a shard into CPU memory before writing it, so with
+    its default shard size an offloaded model would be materialized whole. Bounding the shard by the largest
+    block (a single larger tensor, such as the embedding, still gets a shard of its own) keeps the save's peak
+    memory at about one block, whatever the model's size.
+    """
+    from .blocks import BlocksNotFoundError, find_blocks
+
+    requested = _bytes(requested)
+    if not is_offloaded(model):
+        return requested
+    try:
+        _, blocks = find_blocks(model, blocks_path)
+        bound = max(_nbytes(b.parameters()) for b in blocks)
+    except BlocksNotFoundError:
+        bound = max(_nbytes([p]) for p in model.parameters())
+    return max(1, min(requested, bound))
