@@ -102,9 +102,41 @@ def _add_eval_flags(parser: argparse.ArgumentParser, flag: str, default: str | N
     parser.add_argument("--eval-batch-size", type=int, default=1, help="Windows per evaluation forward pass.")
 
 
+def _add_task_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", default=None, help="Comma-separated lm-eval tasks for zero-shot accuracy, e.g. "
+                        "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa ('paper' for these seven); "
+                        "needs optimum-recon[eval].")
+    parser.add_argument("--limit", type=float, default=None, help="Documents per task (quick; not comparable to "
+                        "published numbers). Below 1: a fraction of each task.")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="Few-shot examples (default: the task's own).")
+    parser.add_argument("--include-path", default=None, help="Folder of extra lm-eval task YAMLs (local tasks).")
+    parser.add_argument("--task-batch-size", type=int, default=1, help="Requests per forward pass in lm-eval.")
+
+
+def _add_latency_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--latency-prompt-tokens", type=int, default=128, help="Prompt length for the speed test.")
+    parser.add_argument("--latency-new-tokens", type=int, default=64, help="Tokens generated per speed-test run.")
+    parser.add_argument("--latency-batch-size", type=int, default=1, help="Prompts per generate call.")
+    parser.add_argument("--latency-warmup", type=int, default=1, help="Untimed runs before measuring.")
+    parser.add_argument("--latency-repeats", type=int, default=3, help="Timed runs (the median is reported).")
+
+
+def _latency_kwargs(args: argparse.Namespace) -> dict[str, int]:
+    return dict(prompt_tokens=args.latency_prompt_tokens, new_tokens=args.latency_new_tokens,
+                batch_size=args.latency_batch_size, warmup=args.latency_warmup, repeats=args.latency_repeats)
+
+
+def _limit(value: float | None) -> int | float | None:
+    return int(value) if value is not None and value >= 1 else value
+
+
+def _datasets(value: str | None) -> list[str]:
+    return [] if value is None or value.strip().lower() == "none" else [d for d in value.split(",") if d]
+
+
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
     """Add the `prune` and `eval` subcommands to ``parser`` (shared by optimum-recon and optimum-cli recon)."""
-    sub = parser.add_subparsers(dest="recon_command", metavar="{prune,eval,generate-calibration}")
+    sub = parser.add_subparsers(dest="recon_command", metavar="{prune,eval,compare,generate-calibration}")
     prune = sub.add_parser("prune", help="Prune a model block by block and save it.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_flags(prune)
@@ -136,13 +168,35 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
                     "(wikitext2, c4, ptb, a local file or a Hub id).")
     prune.set_defaults(recon_handler=run_prune)
 
-    evaluate = sub.add_parser("eval", help="Perplexity of a (pruned) model.",
+    evaluate = sub.add_parser("eval", help="Perplexity, zero-shot accuracy (lm-eval) and speed of a (pruned) model.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_flags(evaluate)
-    _add_eval_flags(evaluate, "--dataset", "wikitext2", "Comma-separated datasets (wikitext2, c4, ptb, a local "
-                    "file or a Hub id).")
+    _add_eval_flags(evaluate, "--dataset", None, "Comma-separated perplexity datasets (wikitext2, c4, ptb, a local "
+                    "file or a Hub id); 'none' for none. Default: wikitext2, unless --tasks or --latency is given.")
+    _add_task_flags(evaluate)
+    evaluate.add_argument("--latency", action="store_true", help="Also measure prefill and decode tokens/s.")
+    _add_latency_flags(evaluate)
     evaluate.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    evaluate.add_argument("--update-card", action="store_true", help="Record the results in the model folder's "
+                          "pruning_report.json and model card (a folder saved by optimum-recon).")
     evaluate.set_defaults(recon_handler=run_eval)
+
+    compare = sub.add_parser("compare", help="Evaluate a dense model and pruned versions side by side.",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    compare.add_argument("models", nargs="+", help="Hub ids or local folders, e.g. the dense model first, then "
+                         "pruned versions; 'bundled' is the bundled SmolLM2-135M-Instruct.")
+    compare.add_argument("--names", nargs="+", default=None, help="Labels for the table (default: folder names).")
+    _add_eval_flags(compare, "--datasets", "wikitext2", "Comma-separated perplexity datasets; 'none' for none.")
+    _add_task_flags(compare)
+    compare.add_argument("--no-latency", action="store_true", help="Skip the prefill/decode speed measurement.")
+    _add_latency_flags(compare)
+    compare.add_argument("--output", default="comparison", help="Folder for comparison.json, comparison.md and "
+                         "the PNG plots.")
+    compare.add_argument("--dtype", default=None, help="Load dtype (default: float32 on CPU, the checkpoint's on GPU).")
+    compare.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. auto).")
+    compare.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
+    compare.add_argument("-v", "--verbose", action="store_true", help="More logging.")
+    compare.set_defaults(recon_handler=run_compare)
 
     generate = sub.add_parser("generate-calibration", help="Sample calibration text from the dense model itself.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -221,15 +275,61 @@ def run_prune(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    datasets = _datasets(args.dataset) if args.dataset is not None else (
+        [] if args.tasks or args.latency else ["wikitext2"])
+    if not datasets and not args.tasks and not args.latency:
+        raise ValueError("nothing to evaluate: give --dataset, --tasks or --latency.")
+    if args.tasks:
+        from .evaluation.zero_shot import require_lm_eval
+
+        require_lm_eval()  # before the model load
     pruner = _load(args)
-    results = pruner.evaluate(args.dataset, **_eval_kwargs(args))
-    rows = {}
-    for name, result in results.items():
+    output: dict[str, Any] = {"model": args.model, "results": {}}
+    for name, result in pruner.evaluate(datasets, **_eval_kwargs(args)).items():
         print(f"{name}: perplexity {result.perplexity:.3f} ({result.num_tokens:,} tokens, windows of {result.seq_len})")
-        rows[name] = {"perplexity": result.perplexity, "num_tokens": result.num_tokens, "seq_len": result.seq_len}
+        output["results"][name] = {"perplexity": result.perplexity, "num_tokens": result.num_tokens,
+                                   "seq_len": result.seq_len}
+    tasks = {}
+    if args.tasks:
+        tasks = pruner.evaluate_tasks(args.tasks, limit=_limit(args.limit), num_fewshot=args.num_fewshot,
+                                      batch_size=args.task_batch_size, include_path=args.include_path)
+        for name, result in tasks.items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if not k.endswith("_stderr"))
+            print(f"{name}: {shown} ({result.num_samples} documents)")
+        output["tasks"] = {n: {"metrics": r.metrics, "num_samples": r.num_samples} for n, r in tasks.items()}
+    if args.latency:
+        from .evaluation.latency import measure_latency
+
+        speed = measure_latency(pruner.model, **_latency_kwargs(args))
+        print(f"speed on {speed.device}: prefill {speed.prefill_tokens_per_s:,.1f} tokens/s, decode "
+              f"{speed.decode_tokens_per_s:,.2f} tokens/s (batch {speed.batch_size}, median of {speed.repeats})")
+        output["latency"] = speed.to_dict()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"model": args.model, "results": rows}, fh, indent=2)
+            json.dump(output, fh, indent=2)
+    if args.update_card:
+        from .hub.save import record_evaluation
+        from .pruner import resolve_model_path
+
+        folder = record_evaluation(
+            resolve_model_path(args.model), perplexity={n: r["perplexity"] for n, r in output["results"].items()},
+            zero_shot={n: r.accuracy for n, r in tasks.items() if r.accuracy is not None})
+        print(f"results recorded in {folder / 'README.md'}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from .evaluation.compare import compare_models
+
+    comparison = compare_models(
+        [None if m == "bundled" else m for m in args.models], names=args.names, datasets=_datasets(args.datasets),
+        tasks=args.tasks, limit=_limit(args.limit), num_fewshot=args.num_fewshot, task_batch_size=args.task_batch_size,
+        include_path=args.include_path, eval_seq_len=args.eval_seq_len,
+        eval_max_tokens=args.eval_max_tokens, eval_batch_size=args.eval_batch_size, latency=not args.no_latency,
+        latency_kwargs=_latency_kwargs(args), dtype=args.dtype, device_map=args.device_map, output_dir=args.output,
+        progress=not args.no_progress)
+    print(comparison.to_markdown())
+    print(f"written to {args.output}/ (comparison.json, comparison.md, plots)")
     return 0
 
 

@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .evaluation.zero_shot import TaskResult
+
 logger = logging.getLogger(__name__)
 
 
@@ -123,6 +125,7 @@ class ReconPruner:
         self.blocks_path = blocks_path
         self.report: PruningReport | None = None
         self._dense_perplexity: dict[str, float] = {}
+        self._dense_zero_shot: dict[str, float] = {}
 
     @classmethod
     def from_pretrained(
@@ -239,6 +242,8 @@ class ReconPruner:
         self.report = report
         for name, value in self._dense_perplexity.items():
             self.report.perplexity.setdefault(name, {})["dense"] = value
+        for name, value in self._dense_zero_shot.items():
+            self.report.zero_shot.setdefault(name, {})["dense"] = value
         return self.report
 
     def evaluate(
@@ -265,6 +270,34 @@ class ReconPruner:
                 self._dense_perplexity[name] = result.perplexity
             else:
                 self.report.perplexity.setdefault(name, {})[label] = result.perplexity
+        return results
+
+    def evaluate_tasks(
+        self,
+        tasks: str | Iterable[str] = "paper",
+        *,
+        limit: int | float | None = None,
+        num_fewshot: int | None = None,
+        batch_size: int = 1,
+        include_path: str | os.PathLike | None = None,
+    ) -> dict[str, TaskResult]:
+        """Zero-shot accuracy with lm-eval on the model as it is now (needs ``optimum-recon[eval]``).
+
+        Recorded like perplexity: as ``dense`` before `prune()` and ``pruned`` after it, so the model card's
+        results table shows both. ``"paper"`` stands for the paper's seven tasks; see
+        `optimum_recon.evaluation.zero_shot.evaluate_zero_shot` for the arguments.
+        """
+        from .evaluation.zero_shot import evaluate_zero_shot
+
+        results = evaluate_zero_shot(self.model, self.tokenizer, tasks, limit=limit, num_fewshot=num_fewshot,
+                                     batch_size=batch_size, include_path=include_path)
+        for name, result in results.items():
+            if result.accuracy is None:
+                continue
+            if self.report is None:
+                self._dense_zero_shot[name] = result.accuracy
+            else:
+                self.report.zero_shot.setdefault(name, {})["pruned"] = result.accuracy
         return results
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any):

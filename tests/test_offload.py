@@ -52,7 +52,7 @@ def test_disk_offload_equals_in_memory(checkpoint, tmp_path, reconstruction):
     assert _digest(checkpoint) == before  # the original checkpoint is never written to
 
 
-def test_cpu_offload_equals_in_memory():
+def test_cpu_offload_equals_in_memory(tmp_path):
     from accelerate import cpu_offload
 
     config = PruningConfig(method="wanda", reconstruction="block", epochs=2, batch_size=4)
@@ -63,6 +63,13 @@ def test_cpu_offload_equals_in_memory():
     prune_model(offloaded, config, _ids(), progress=False)
     with torch.no_grad():
         assert torch.equal(offloaded(input_ids=_ids()).logits, reference(input_ids=_ids()).logits)
+    from optimum_recon.hub.save import save_pruned_model
+
+    # cpu_offload sets no hf_device_map: the save must still fetch the weights from the weights map
+    save_pruned_model(offloaded, None, config, None, tmp_path / "saved")
+    assert not hasattr(offloaded, "hf_device_map")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).state_dict()
+    assert all(torch.equal(t, reloaded[n]) for n, t in reference.state_dict().items())
 
 
 def test_a_failed_block_keeps_its_offloaded_weights(checkpoint, tmp_path, monkeypatch):

@@ -125,6 +125,12 @@ def _results(report: PruningReport | None) -> str:
         for name, values in report.perplexity.items():
             fmt = lambda v: f"{v:.3f}" if v is not None else "not measured"  # noqa: E731
             lines.append(f"| {name} | {fmt(values.get('dense'))} | {fmt(values.get('pruned'))} |")
+    if report.zero_shot:
+        lines += ["", "Zero-shot accuracy (EleutherAI lm-evaluation-harness):", "",
+                  "| task | dense accuracy | pruned accuracy |", "| --- | --- | --- |"]
+        for name, values in report.zero_shot.items():
+            fmt = lambda v: f"{v:.4f}" if v is not None else "not measured"  # noqa: E731
+            lines.append(f"| {name} | {fmt(values.get('dense'))} | {fmt(values.get('pruned'))} |")
     lines += _error_table(report)
     if report.notes:
         lines += ["", "Notes from the run:", ""] + [f"- {note}" for note in report.notes]

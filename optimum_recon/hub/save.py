@@ -71,10 +71,10 @@ def save_pruned_model(
     A model dispatched with CPU or disk offload is written block by block: each shard holds at most one decoder
     block, so the save never brings more than that into memory (see `offloaded_shard_size`).
     """
-    from ..modeling.offload import offloaded_shard_size
+    from ..modeling.offload import offload_visible_to_save, offloaded_shard_size
 
     shard_size = offloaded_shard_size(model, max_shard_size, blocks_path)
-    with atomic_directory(save_directory) as tmp, warnings.catch_warnings():
+    with atomic_directory(save_directory) as tmp, warnings.catch_warnings(), offload_visible_to_save(model):
         # transformers warns that an offloaded save needs CPU memory for a whole shard; ours is one block.
         warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
         model.save_pretrained(tmp, max_shard_size=shard_size)
@@ -86,3 +86,39 @@ def save_pruned_model(
         card = build_model_card(config, report, base_model=base_model, license=base_model_license(base_model))
         card.save(tmp / "README.md")
     return Path(save_directory).expanduser().resolve()
+
+
+def record_evaluation(
+    folder: str | os.PathLike,
+    *,
+    perplexity: dict[str, float] | None = None,
+    zero_shot: dict[str, float] | None = None,
+) -> Path:
+    """Add measured results of a saved pruned model to its `pruning_report.json` and rewrite its model card.
+
+    The values are recorded as the ``pruned`` column (the dense column is kept as it was). The card is rebuilt
+    from the saved recipe and report, keeping its base model and licence.
+
+    Raises:
+        FileNotFoundError: When ``folder`` was not saved by optimum-recon (no `pruning_config.json`).
+    """
+    from huggingface_hub import ModelCard
+
+    folder = Path(folder).expanduser().resolve()
+    if not (folder / "pruning_config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no pruning_config.json: only a folder saved by optimum-recon "
+                                "has a model card to update.")
+    config = PruningConfig.from_pretrained(str(folder))
+    report_path = folder / REPORT_NAME
+    report = PruningReport.load(report_path) if report_path.is_file() else PruningReport()
+    for name, value in (perplexity or {}).items():
+        report.perplexity.setdefault(name, {})["pruned"] = value
+    for name, value in (zero_shot or {}).items():
+        report.zero_shot.setdefault(name, {})["pruned"] = value
+    base_model = license = None
+    if (folder / "README.md").is_file():
+        data = ModelCard.load(folder / "README.md").data
+        base_model, license = getattr(data, "base_model", None), getattr(data, "license", None)
+    report.save(report_path)
+    build_model_card(config, report, base_model=base_model, license=license).save(folder / "README.md")
+    return folder

@@ -172,8 +172,29 @@ def check_max_memory(max_memory: dict | None, block: nn.Module, dtype: torch.dty
 
 def is_offloaded(model: nn.Module) -> bool:
     """Whether some of ``model``'s weights live in accelerate weights maps (CPU RAM or disk) instead of on a device."""
-    device_map = getattr(model, "hf_device_map", None) or {}
-    return any(v in ("cpu", "disk") for v in device_map.values()) and bool(_offloaded_modules(model))
+    return bool(_offloaded_modules(model))
+
+
+@contextlib.contextmanager
+def offload_visible_to_save(model: nn.Module) -> Iterator[None]:
+    """Make transformers' `save_pretrained` fetch offloaded weights from accelerate's weights maps.
+
+    transformers looks for offloaded weights only when ``hf_device_map`` names "cpu" or "disk", which
+    `from_pretrained(device_map=...)` sets but `accelerate.cpu_offload` / `disk_offload` do not; without it the
+    save would try to write the ``meta`` placeholders. The attribute is set for the duration of the save only.
+    """
+    device_map = getattr(model, "hf_device_map", None)
+    if not is_offloaded(model) or (device_map and {"cpu", "disk"} & set(device_map.values())):
+        yield
+        return
+    model.hf_device_map = {"": "cpu"}
+    try:
+        yield
+    finally:
+        if device_map is None:
+            del model.hf_device_map
+        else:
+            model.hf_device_map = device_map
 
 
 def _nbytes(params) -> int:

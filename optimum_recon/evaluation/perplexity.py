@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data.sources import load_eval_text
-from .modeling.offload import input_device
+from ..data.sources import load_eval_text
+from ..modeling.offload import input_device
 
 DEFAULT_EVAL_SEQ_LEN = 2048
 
