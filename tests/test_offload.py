@@ -218,3 +218,24 @@ def test_offloaded_save_writes_block_by_block(checkpoint, tmp_path, monkeypatch)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "offloaded", dtype=torch.float32).state_dict()
     assert expected.keys() == reloaded.keys()
     assert all(torch.equal(t, expected[n]) for n, t in reloaded.items())
+
+
+def test_full_offload_disk_is_reported_and_leaves_the_weights_intact(checkpoint, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    offloaded = AutoModelForCausalLM.from_pretrained(checkpoint, device_map=DISK_MAP, offload_folder=tmp_path / "off",
+                                                     dtype=torch.float32)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
+    with pytest.raises(OSError, match=r"needs .* free.*finished are intact"):
+        prune_model(offloaded, PruningConfig(method="wanda", reconstruction="layer"), _ids(), progress=False)
+    monkeypatch.undo()
+    from transformers.integrations.accelerate import load_offloaded_parameter
+
+    state = reference.state_dict()
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        # block 1 (on disk) failed to write back: its weights are still the original, unpruned ones
+        assert torch.equal(load_offloaded_parameter(offloaded, name), state[name])
+    assert (offloaded.model.layers[0].mlp.down_proj.weight == 0).float().mean() == 0.5  # block 0 finished

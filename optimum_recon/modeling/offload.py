@@ -13,7 +13,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -69,6 +69,7 @@ def write_back(module: nn.Module) -> None:
     weights_map = hook.weights_map
     prefix = weights_map.prefix if isinstance(weights_map, PrefixedDataset) else ""
     store = weights_map.dataset if isinstance(weights_map, PrefixedDataset) else weights_map
+    to_files: list[tuple[str, torch.Tensor]] = []
     for name, param in module.named_parameters(recurse=hook.place_submodules):
         key, value = prefix + name, param.detach().to("cpu")
         if isinstance(store, OffloadedWeightsLoader):
@@ -77,11 +78,39 @@ def write_back(module: nn.Module) -> None:
             elif store.save_folder is None:
                 raise NotImplementedError(f"cannot write {key} back: its offload map has no folder to write to")
             else:
-                offload_weight(value, key, store.save_folder, index=store.index)
+                to_files.append((key, value))
         elif isinstance(store, dict):
             store[key] = value
         else:
             raise NotImplementedError(f"cannot write {key} back into a weights map of type {type(store).__name__}")
+    if to_files:
+        _write_offloaded_files(store, to_files, offload_weight)
+
+
+def _write_offloaded_files(store, tensors: list[tuple[str, torch.Tensor]], offload_weight) -> None:
+    """Write new ``.dat`` files for ``tensors``; the weights map is pointed at them only when all were written."""
+    import errno
+    import shutil
+
+    need = sum(t.numel() * t.element_size() for _, t in tensors)
+    free = shutil.disk_usage(store.save_folder).free
+
+    def full() -> OSError:
+        return OSError(errno.ENOSPC, f"the offload folder {store.save_folder!r} needs {_human(need)} for this block's "
+                       f"new weights but has {_human(free)} free. Free space or choose an offload_folder on a "
+                       "larger disk; blocks already finished are intact (with checkpoint_dir, rerun to continue).")
+
+    if need > free:
+        raise full()
+    written: dict[str, Any] = {}
+    try:
+        for key, value in tensors:
+            offload_weight(value, key, store.save_folder, index=written)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise full() from err
+        raise
+    store.index.update(written)
 
 
 @contextlib.contextmanager
