@@ -155,9 +155,13 @@ def test_sparsegpt_dead_inputs_are_pruned_first():
 
 def test_non_positive_definite_hessian_raises_dampening():
     H = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.5]))
+    before = H.clone()
     upper, used = inverse_hessian_factor(H, 0.01)
     assert used > 0.01
     assert torch.isfinite(upper).all()
+    assert torch.equal(H, before)  # only overwrite=True may change the input
+    again, _ = inverse_hessian_factor(H.clone(), 0.01, overwrite=True)
+    assert torch.equal(again, upper)
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
         inverse_hessian_factor(torch.diag(torch.tensor([1.0, -1e9])), 0.01)
 
@@ -169,7 +173,7 @@ def test_engine_warns_when_dampening_was_raised(monkeypatch):
     from optimum_recon.masks import sparsegpt as sgpt
 
     real = sgpt.inverse_hessian_factor
-    monkeypatch.setattr(sgpt, "inverse_hessian_factor", lambda H, d: (real(H, d)[0], d * 10))
+    monkeypatch.setattr(sgpt, "inverse_hessian_factor", lambda H, d, **kw: (real(H, d, **kw)[0], d * 10))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prune_model(make_tiny_model("llama"), PruningConfig(reconstruction="layer"), torch.randint(0, 100, (4, 16)),

@@ -18,24 +18,35 @@ from .statistics import HessianStatistics
 _MAX_DAMPENING_RETRIES = 6
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, float]:
+def inverse_hessian_factor(
+    hessian: torch.Tensor, dampening: float, *, overwrite: bool = False
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + d*mean(diag H)*I)^-1, and the dampening fraction d actually used.
 
     When the dampened Hessian is not positive definite, the dampening is raised tenfold (up to
     ``_MAX_DAMPENING_RETRIES`` times) rather than falling back silently: the caller reports the final value.
+    With ``overwrite=True`` the dampening is added to ``hessian``'s diagonal in place.
+
+    Memory: at most three (in, in) matrices, the input included, are alive at once (the dampening is applied in
+    place, no identity matrix is built, and each factor is freed as soon as the next one exists). For a 7B
+    model's down projection (in = 11,008) that is 1.5 GB instead of 3.4 GB.
     """
-    H = hessian.clone()  # (in, in)
-    mean_diag = torch.mean(torch.diag(H)).item()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    H = hessian if overwrite else hessian.clone()  # (in, in)
+    diagonal = H.diagonal()
+    original = diagonal.clone()
+    mean_diag = torch.mean(original).item()
     current = dampening
     for _ in range(_MAX_DAMPENING_RETRIES + 1):
-        damped = H + (current * mean_diag if mean_diag > 0 else max(current, 1e-8)) * eye
-        chol, info = torch.linalg.cholesky_ex(damped)
+        diagonal.copy_(original).add_(current * mean_diag if mean_diag > 0 else max(current, 1e-8))
+        chol, info = torch.linalg.cholesky_ex(H)
         if info.item() == 0:
             inverse = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0:
                 return upper, current
+        del chol
         current = max(current * 10, 1e-4)
     raise torch.linalg.LinAlgError(
         f"the layer Hessian is not positive definite even with dampening {current / 10:g} x mean(diag H): "
@@ -69,7 +80,8 @@ def sparsegpt_prune(
     dead = torch.diag(H) == 0  # inputs never active: their weights cannot matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    Hinv, used_dampening = inverse_hessian_factor(H, dampening)  # (cols, cols), upper triangular
+    Hinv, used_dampening = inverse_hessian_factor(H, dampening, overwrite=True)  # (cols, cols), upper triangular
+    del H
 
     if nm is not None:  # an N:M group must not straddle two lazy blocks
         block_size = max(nm[1], block_size // nm[1] * nm[1])
