@@ -138,12 +138,9 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def _size(size: int | None) -> str:
-    if size is None:
-        return "—"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= scale:
-            return f"{size / scale:,.1f} {unit}"
-    return f"{size} B"
+    from ..modeling.offload import human_size
+
+    return "—" if size is None else human_size(size)
 
 
 def measured_sparsity(model: nn.Module, blocks_path: str | None = None) -> float:

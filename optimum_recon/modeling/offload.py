@@ -96,9 +96,10 @@ def _write_offloaded_files(store, tensors: list[tuple[str, torch.Tensor]], offlo
     free = shutil.disk_usage(store.save_folder).free
 
     def full() -> OSError:
-        return OSError(errno.ENOSPC, f"the offload folder {store.save_folder!r} needs {_human(need)} for this block's "
-                       f"new weights but has {_human(free)} free. Free space or choose an offload_folder on a "
-                       "larger disk; blocks already finished are intact (with checkpoint_dir, rerun to continue).")
+        return OSError(errno.ENOSPC, f"the offload folder {store.save_folder!r} needs {human_size(need)} for this "
+                       f"block's new weights but has {human_size(free)} free. Free space or choose an "
+                       "offload_folder on a larger disk; blocks already finished are intact (with checkpoint_dir, "
+                       "rerun to continue).")
 
     if need > free:
         raise full()
@@ -178,7 +179,8 @@ def _bytes(value: int | str) -> int:
     return convert_file_size_to_int(value)
 
 
-def _human(size: int) -> str:
+def human_size(size: int) -> str:
+    """``size`` bytes as GiB, MiB or KiB with one decimal (plain bytes below 1 KiB)."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if size >= scale:
             return f"{size / scale:,.1f} {unit}"
@@ -194,7 +196,7 @@ def check_max_memory(max_memory: dict | None, block: nn.Module, dtype: torch.dty
     if all(_bytes(v) < need for v in accelerators.values()):
         raise ValueError(
             f"max_memory={max_memory!r} leaves no accelerator room for one decoder block: each block needs at least "
-            f"{_human(need)} for its weights in {str(dtype).replace('torch.', '')} (plus activations and, "
+            f"{human_size(need)} for its weights in {str(dtype).replace('torch.', '')} (plus activations and, "
             "for BR/CR, gradients and optimizer state). Raise the limit for one device."
         )
 
