@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 
+from . import distributed as dist
 from .configuration import PruningConfig
 from .data.calibration import sample_calibration_windows
 from .data.default_model import DEFAULT_MODEL_NAME, default_model_path
@@ -143,12 +144,19 @@ class ReconPruner:
         """Load a model from the Hub or a local folder (the bundled SmolLM2-135M-Instruct when omitted).
 
         `device_map`, `max_memory` and `offload_folder` are passed to `from_pretrained`.
+
+        Launched with `torchrun` or `accelerate launch`, every process joins the process group here and loads its
+        own copy (leave ``device_map`` unset: each rank runs its blocks on its own GPU); an ``offload_folder`` gets
+        one sub-folder per rank, since each rank writes its pruned weights back into its own.
         """
+        dist.init_distributed()
         config = config if config is not None else PruningConfig()
         if config.calibration.external_source is not None:  # fail before the (possibly long) model load
             check_source(config.calibration.external_source)
         path = resolve_model_path(model_id_or_path)
         if offload_folder is not None:
+            if dist.is_distributed():
+                offload_folder = os.path.join(offload_folder, f"rank{dist.rank()}")
             check_offload_folder(offload_folder)
         if max_memory:
             _check_memory_budget(path, max_memory, dtype, blocks_path, model_kwargs.get("trust_remote_code", False))
@@ -211,7 +219,7 @@ class ReconPruner:
         Args:
             calibration_data: Texts to cut windows from, or token ids (N, T); default: ``config.calibration``.
             device: Where each block runs (default: the GPU when there is one).
-            progress: Show progress bars.
+            progress: Show progress bars (on rank 0 only in a distributed run).
             checkpoint_dir: Save progress after every block; a later call with the same folder (after a crash or
                 Ctrl-C) continues from the last finished block and gives the same model (LR and BR).
             activation_offload: ``"disk"`` keeps the activations between blocks in files (under
@@ -289,8 +297,9 @@ class ReconPruner:
         """
         from .evaluation.zero_shot import evaluate_zero_shot
 
-        results = evaluate_zero_shot(self.model, self.tokenizer, tasks, limit=limit, num_fewshot=num_fewshot,
-                                     batch_size=batch_size, include_path=include_path)
+        # lm-eval cannot split a live model's requests over our process group: rank 0 evaluates
+        results = dist.run_on_main(evaluate_zero_shot, self.model, self.tokenizer, tasks, limit=limit,
+                                   num_fewshot=num_fewshot, batch_size=batch_size, include_path=include_path)
         for name, result in results.items():
             if result.accuracy is None:
                 continue
@@ -304,9 +313,10 @@ class ReconPruner:
         """Save weights (safetensors, zeros kept), tokenizer, recipe, report and model card, atomically."""
         from .hub.save import save_pruned_model
 
-        path = save_pruned_model(
-            self.model, self.tokenizer, self.config, self.report, save_directory, base_model=self.model_id,
-            blocks_path=self.blocks_path, **kwargs
+        # every rank holds the same model: rank 0 writes it, the others wait (and fail if it fails)
+        path = dist.run_on_main(
+            save_pruned_model, self.model, self.tokenizer, self.config, self.report, save_directory,
+            base_model=self.model_id, blocks_path=self.blocks_path, **kwargs
         )
         self._saved_to = path
         return path
@@ -342,5 +352,5 @@ class ReconPruner:
             folder = Path(tempfile.mkdtemp(prefix="optimum-recon-push-")) / repo_id.split("/")[-1]
         if getattr(self, "_saved_to", None) != Path(folder).expanduser().resolve():
             self.save_pretrained(folder)
-        return push_folder(self._saved_to, repo_id, private=private, token=token, revision=revision,
-                           create_pr=create_pr, commit_message=commit_message)
+        return dist.run_on_main(push_folder, self._saved_to, repo_id, private=private, token=token,
+                                revision=revision, create_pr=create_pr, commit_message=commit_message)

@@ -50,9 +50,9 @@ def test_end_of_sequence_handling(tiny_tokenizer, monkeypatch):
     seen = []
     real = self_generate._generate_batch
 
-    def fake(model, starts, seq_len, settings, eos_id, pad, bar):
+    def fake(model, starts, seq_len, settings, eos_id, pad, bar, ranks=1):
         seen.append(settings["on_eos"])
-        out = real(model, starts, seq_len, settings, eos_id, pad, bar)
+        out = real(model, starts, seq_len, settings, eos_id, pad, bar, ranks)
         if len(seen) == 1:
             out[0, 5] = eos  # the first batch has one sequence that "ended early"
         return out

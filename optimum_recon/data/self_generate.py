@@ -3,8 +3,9 @@
 The paper's cure for overfitting the small calibration set: reconstruct against extra samples the dense
 model writes itself. Each sequence starts from a first token drawn uniformly from the vocabulary (special
 tokens excluded), or from a user prompt, and is sampled (temperature 1.0, top-k 50, top-p 1.0 by default)
-with the KV cache, in batches, under a fixed seed: the same seed, settings and batch size give the same
-tokens. Sequences are exactly `seq_len` tokens long: with `on_eos="continue"` the end-of-sequence token is
+with the KV cache, in batches, under a fixed seed: batch j is sampled under a seed derived from (seed, j), so
+the same seed, settings and batch size give the same tokens, also when a distributed run splits the batches
+over its ranks (rank r generates batches r, r + world, ...; the kept samples are gathered in batch order). Sequences are exactly `seq_len` tokens long: with `on_eos="continue"` the end-of-sequence token is
 suppressed until then; with `"resample"` a sequence that ends early is dropped and generated again.
 
 The result is a `datasets.Dataset` (`input_ids`, `text`) cached on disk under a key made of the model's
@@ -26,6 +27,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..configuration import CalibrationConfig
 from ..modeling.offload import input_device
 from ..version import __version__
@@ -54,7 +56,7 @@ def model_fingerprint(model) -> str:
 
 def cache_key(model, num_samples: int, settings: dict[str, Any]) -> str:
     payload = json.dumps({"model": model_fingerprint(model), "n": num_samples, "settings": settings,
-                          "version": __version__}, sort_keys=True)
+                          "version": __version__, "seeding": "per batch"}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -89,13 +91,13 @@ def _first_tokens(tokenizer, vocab: int, count: int, generator: torch.Generator)
 
 
 def _generate_batch(model, starts: torch.Tensor, seq_len: int, settings: dict, eos: int | None, pad: int,
-                    bar: tqdm) -> torch.Tensor:
+                    bar: tqdm, ranks: int = 1) -> torch.Tensor:
     from transformers import LogitsProcessorList
 
     new_tokens = seq_len - starts.shape[1]
     kwargs = dict(do_sample=True, temperature=settings["temperature"], top_k=settings["top_k"] or None,
                   top_p=settings["top_p"], max_new_tokens=new_tokens, pad_token_id=pad, use_cache=True,
-                  logits_processor=LogitsProcessorList([_TokenProgress(bar, starts.shape[0])]))
+                  logits_processor=LogitsProcessorList([_TokenProgress(bar, starts.shape[0] * ranks)]))
     if settings["on_eos"] == "continue":
         kwargs["min_new_tokens"] = new_tokens  # suppresses EOS until the sequence is full
     ids = starts.to(input_device(model))
@@ -122,31 +124,36 @@ def generate_samples(
         raise ValueError(f"seq_len={seq_len} exceeds the model's context of {context} tokens.")
     pad = _pad_token_id(model, tokenizer)
     eos = tokenizer.eos_token_id
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)  # generate samples with torch's global generator
     prompts = [tokenizer(p, return_tensors="pt").input_ids[0] for p in (config.self_prompts or [])]
     vocab = model.get_input_embeddings().num_embeddings
-    kept: list[torch.Tensor] = []
-    attempts, bar = 0, tqdm(total=num_samples * seq_len, desc="Generating calibration", unit="tok",
-                            disable=not progress)
-    while len(kept) < num_samples:
-        attempts += 1
-        if attempts > 50 + 10 * num_samples:
+    size, world, rank = config.self_batch_size, dist.world_size(), dist.rank()
+    kept: dict[int, list[torch.Tensor]] = {}  # batch index -> its kept samples (every rank's, once gathered)
+    bar = tqdm(total=num_samples * seq_len, desc="Generating calibration", unit="tok",
+               disable=not (progress and dist.is_main_process()))
+    first = 0  # rounds of `world` batches until the batches so far hold enough samples
+    while sum(len(v) for v in kept.values()) < num_samples:
+        if first > 50 + 10 * -(-num_samples // size):
             raise RuntimeError("too many generated samples were rejected (early end of sequence or the filter); "
                                "use self_on_eos='continue' or a looser filter.")
-        batch = min(config.self_batch_size, num_samples - len(kept))
+        j = first + rank
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + j)
+        torch.manual_seed(config.seed * 1_000_003 + j)  # generate samples with torch's global generator
+        mine: list[torch.Tensor] = []
         if prompts:
-            rows = [prompts[(len(kept) + i) % len(prompts)][: seq_len - 1] for i in range(batch)]
-            for start in {len(r) for r in rows}:  # prompts of one length generate together
+            rows = [prompts[(j * size + i) % len(prompts)][: seq_len - 1] for i in range(size)]
+            for start in sorted({len(r) for r in rows}):  # prompts of one length generate together
                 group = torch.stack([r for r in rows if len(r) == start])
-                kept += _filter(_generate_batch(model, group, seq_len, settings, eos, pad, bar), tokenizer, eos,
-                                config, sample_filter)
+                mine += _filter(_generate_batch(model, group, seq_len, settings, eos, pad, bar, world), tokenizer,
+                                eos, config, sample_filter)
         else:
-            starts = _first_tokens(tokenizer, vocab, batch, generator)
-            kept += _filter(_generate_batch(model, starts, seq_len, settings, eos, pad, bar), tokenizer, eos, config,
-                            sample_filter)
+            starts = _first_tokens(tokenizer, vocab, size, generator)
+            mine += _filter(_generate_batch(model, starts, seq_len, settings, eos, pad, bar, world), tokenizer, eos,
+                            config, sample_filter)
+        for r, samples in enumerate(dist.all_gather_objects(mine)):
+            kept[first + r] = samples
+        first += world
     bar.close()
-    ids = torch.stack(kept[:num_samples])
+    ids = torch.stack([row for j in sorted(kept) for row in kept[j]][:num_samples])
     return ids, tokenizer.batch_decode(ids, skip_special_tokens=False)
 
 
@@ -182,7 +189,8 @@ def load_or_generate(
     key = cache_key(model, num_samples, settings)
     folder = Path(cache) if cache is not None else cache_dir() / "self-calibration"
     target = folder / key
-    if sample_filter is None and (target / "dataset_info.json").is_file():
+    # in a distributed run, the cache is used only when every rank finds it (ranks may not share a disk)
+    if dist.all_ranks_agree(sample_filter is None and (target / "dataset_info.json").is_file()):
         logger.info("using cached self-generated calibration data from %s", target)
         return datasets.load_from_disk(str(target))
     ids, texts = generate_samples(model, tokenizer, config, num_samples, sample_filter=sample_filter,
@@ -190,7 +198,7 @@ def load_or_generate(
     dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "text": texts})
     dataset.info.description = json.dumps({"generator": "optimum-recon", "key": key, "settings": settings})
     if sample_filter is None:
-        save_dataset(dataset, target)
+        dist.run_on_main(save_dataset, dataset, target)
     return dataset
 
 

@@ -14,6 +14,10 @@ windows are [0], [0, 1], [1, 2], ..., [L-2, L-1], [L-1] (the paper's schedule). 
 
 LR therefore costs three forward passes per block (two for magnitude). Activations stay on the CPU;
 only the window's blocks are on the execution device.
+
+Under `torch.distributed` (see `optimum_recon.distributed`) each rank captures and propagates only its share of
+the calibration batches; mask statistics and error meters are summed over ranks, and block training averages
+its gradients over the global batch, so every rank holds the same model throughout.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..configuration import PruningConfig
 from ..masks import get_mask_method
 from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers
@@ -100,7 +105,8 @@ class _Run:
         self.heldout = _Split(heldout, self.store) if heldout is not None else None
         self.requested_device = device
         self.progress = False
-        self.statistics_batches: int | None = None  # leading calibration batches that feed the masks
+        self.statistics_batches: set[int] | None = None  # this rank's calibration batches that feed the masks
+        self.sample_rows: torch.Tensor | None = None  # global calibration window -> row of this rank's data (-1)
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # masked, untrained weights (for "before")
         self.dense_copies: dict[int, nn.Module] = {}
@@ -124,7 +130,7 @@ class _Run:
                 outputs = self.store.new()
                 if hooked or keep_local:
                     for b, x in enumerate(split.sparse[s]):
-                        hooks.active = hooked and (self.statistics_batches is None or b < self.statistics_batches)
+                        hooks.active = hooked and (self.statistics_batches is None or b in self.statistics_batches)
                         x = split.passes.chain([self.blocks[j] for j in range(s, e)], s, b, x, device)
                         outputs.append(split.passes.run(block, e, b, x, device))
                 outputs_by_split[id(split)] = (outputs, same, keep_local)
@@ -134,6 +140,7 @@ class _Run:
                 split.local[e] = outputs
             split.dense[e + 1] = outputs if same else split.passes.map(block, e, split.dense[e], device,
                                                                       out=self.store.new())
+        hooks.all_reduce()  # every rank now holds the statistics of all the calibration windows
         stats = hooks.stats
         if self.config.propagation == "local" and self.window > 1 and self.trains:
             self.dense_copies[e] = copy.deepcopy(block).to("cpu")
@@ -166,7 +173,7 @@ class _Run:
             return calib.passes.chain_batch(window, s, x, device)
 
         task = WindowTask(window, forward, inputs, targets, masks, device, seed=self.config.calibration.seed + step,
-                          modules=owners, progress=self.progress)
+                          modules=owners, progress=self.progress, sample_rows=self.sample_rows)
         info = self.reconstruction.reconstruct(task, self.config)
         info["window"] = [s, e]
         for j in range(s, e + 1):
@@ -186,7 +193,11 @@ class _Run:
                 if s in split.local:
                     local_meter.update(y, split.local[s][b])
                 outputs.append(y)
-            before = self._error_before(split, s, device) if s in self.snapshots else meter
+            before = self._error_before(split, s, device).all_reduce() if s in self.snapshots else None
+            meter.all_reduce()  # the errors over every rank's windows
+            if s in split.local:
+                local_meter.all_reduce()
+            before = meter if before is None else before
             record.set_errors("heldout" if split is self.heldout else "calibration", meter, before,
                               local_meter if s in split.local else None)
             split.sparse[s + 1] = outputs
@@ -265,25 +276,41 @@ def prune_model(
             raise ValueError(f"{name} holds token ids outside the model's vocabulary of {vocab}: does the tokenizer "
                              "belong to this model?")
     start = time.perf_counter()
+    dist.init_distributed()
+    progress = progress and dist.is_main_process()
     path, blocks = find_blocks(model, blocks_path)
     plan = [find_linear_layers(b, config.targets, config.ignore, f"{path}.{i}") for i, b in enumerate(blocks)]
     validate_layers(plan, config, path)
     _check_sizes(config, len(blocks), input_ids.shape[0])
+    k = input_ids.shape[0] if statistics_samples is None else statistics_samples
+    batches = [b for part in (input_ids[:k], input_ids[k:]) for b in part.split(config.batch_size) if len(b)]
+    _check_ranks(config, model, input_ids, heldout_ids, k, len(batches))
 
     store = ActivationStore(activation_offload, activation_folder)
     was_training = model.training
     model.eval()
     try:
-        k = input_ids.shape[0] if statistics_samples is None else statistics_samples
-        batches = [b for part in (input_ids[:k], input_ids[k:]) for b in part.split(config.batch_size) if len(b)]
+        # batch b belongs to rank b % world (all of them in a single process): each rank runs whole batches,
+        # so every forward pass sees the batch a single-process run would
+        starts = torch.tensor([0] + [len(b) for b in batches]).cumsum(0)
+        mine = dist.shard(range(len(batches)))
+        sample_rows = torch.full((input_ids.shape[0],), -1, dtype=torch.long)
+        offset = 0
+        for b in mine:
+            sample_rows[starts[b]: starts[b + 1]] = torch.arange(offset, offset + len(batches[b]))
+            offset += len(batches[b])
         trains = get_reconstruction(config.reconstruction).trains and config.epochs > 0
-        probes = (min(config.batch_size, input_ids.shape[0]),) if trains else ()
-        calib = capture_block_inputs(model, blocks, batches, probe_sizes=probes)
+        batch = min(config.batch_size, input_ids.shape[0])
+        # training batches are a global batch's windows that this rank holds: any size up to the batch size
+        probes = (tuple(range(1, batch + 1)) if dist.is_distributed() else (batch,)) if trains else ()
+        calib = capture_block_inputs(model, blocks, [batches[b] for b in mine], probe_sizes=probes)
         heldout = None if heldout_ids is None else capture_block_inputs(
-            model, blocks, list(heldout_ids.split(config.batch_size)))
+            model, blocks, dist.shard(list(heldout_ids.split(config.batch_size))))
         run = _Run(model, blocks, path, plan, config, calib, heldout, device, store)
         run.progress = progress
-        run.statistics_batches = -(-k // config.batch_size)  # batches holding the first k windows
+        first_k = -(-k // config.batch_size)  # global batches holding the first k windows
+        run.statistics_batches = {i for i, b in enumerate(mine) if b < first_k}
+        run.sample_rows = sample_rows
         report = PruningReport(config=config.to_dict(), num_calibration_tokens=int(input_ids.numel()))
         checkpointer, start_block = _resume(run, report, checkpoint_dir, input_ids, heldout_ids)
         _loop(run, report, progress, checkpointer, start_block)
@@ -294,6 +321,29 @@ def prune_model(
     return report
 
 
+def _check_ranks(config: PruningConfig, model, input_ids, heldout_ids, statistics_samples: int,
+                 num_batches: int) -> None:
+    """In a distributed run: the same recipe, model and data on every rank, and a batch for each of them."""
+    if not dist.is_distributed():
+        return
+    recipe = config.to_dict()
+    recipe.pop("optimum_recon_version", None)
+    params = sum(p.numel() for p in model.parameters())
+    dist.check_same_on_all_ranks({
+        "recipe": recipe,
+        "model": dist.digest(str(getattr(model.config, "_name_or_path", type(model).__name__)), params),
+        "calibration data": dist.digest(input_ids, statistics_samples),
+        "held-out data": dist.digest(heldout_ids if heldout_ids is not None else "none"),
+    })
+    world = dist.world_size()
+    if num_batches < world:
+        raise ValueError(
+            f"{input_ids.shape[0]} calibration windows in batches of {config.batch_size} make {num_batches} batches, "
+            f"fewer than the {world} processes: each needs at least one. Use more windows, a smaller batch_size or "
+            "fewer processes."
+        )
+
+
 def _resume(run: _Run, report: PruningReport, folder, input_ids, heldout_ids) -> tuple[Checkpointer | None, int]:
     """Open the checkpoint folder; when it holds an interrupted run, restore its finished blocks and activations."""
     if folder is None:
@@ -302,11 +352,20 @@ def _resume(run: _Run, report: PruningReport, folder, input_ids, heldout_ids) ->
         warnings.warn("checkpoint_dir is supported for LR and BR (windows of one block); this CR run will not be "
                       "checkpointed.", stacklevel=3)
         return None, 0
+    if dist.is_distributed():  # each rank keeps its own activations (the weights are the same everywhere)
+        folder = os.path.join(folder, f"rank{dist.rank()}-of-{dist.world_size()}")
     checkpointer = Checkpointer(folder, fingerprint(run.config, run.model, input_ids, heldout_ids))
     state = checkpointer.load()
+    start = 0 if state is None else state["next_block"]
+    if dist.is_distributed():
+        found = dist.all_gather_objects(start)
+        if len(set(found)) > 1:
+            raise dist.DistributedMismatchError(
+                f"the ranks' checkpoints stop at different blocks ({found}): an interrupted run left them out of "
+                f"step. Delete {os.path.dirname(folder)!r} to start over."
+            )
     if state is None:
         return checkpointer, 0
-    start = state["next_block"]
     for j in range(start):
         block = run.blocks[j]
         with onload(block, execution_device(block, run.requested_device)):

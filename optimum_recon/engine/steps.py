@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..configuration import PruningConfig
+from ..distributed import all_reduce_numbers
 from ..masks import MaskMethod
 from ..modeling.blocks import LinearLayer
 from ..report import LayerRecord
@@ -86,6 +87,12 @@ class ErrorMeter:
         self.target_sq += float(target.double().pow(2).sum())
         self.count += target.numel()
 
+    def all_reduce(self) -> "ErrorMeter":
+        """Sum the meter over the ranks of a distributed run, so that the errors are global."""
+        self.sse, self.target_sq, count = all_reduce_numbers([self.sse, self.target_sq, self.count])
+        self.count = int(count)
+        return self
+
     @property
     def mse(self) -> float:
         return self.sse / max(self.count, 1)
@@ -117,15 +124,22 @@ class StatisticsHooks:
                 if self._alias.get(layer.name, layer.name) in self._own}
 
     def _hook(self, name: str, in_features: int, x: torch.Tensor) -> None:
-        if not self.active:
-            return
+        # Accumulators and aliases are set up on every hooked batch, active or not, so that every rank of a
+        # distributed run ends with the same accumulators (some with nothing added) to sum.
         if self._last is not None and self._last[0] is x and name not in self._own:
             self._alias[name] = self._alias.get(self._last[1], self._last[1])
         elif name not in self._alias:
             if name not in self._own:
                 self._own[name] = self.method.new_statistics(in_features, self.device)
-            self._own[name].update(x.detach())
+            if self.active:
+                self._own[name].update(x.detach())
         self._last = (x, name)
+
+    def all_reduce(self) -> None:
+        """Sum every accumulator over the ranks of a distributed run (a no-op in a single process)."""
+        for layer in self.layers:  # the plan's order: the same on every rank
+            if layer.name in self._own:
+                self._own[layer.name].all_reduce()
 
     def __enter__(self) -> "StatisticsHooks":
         if not self.needed:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as dist
 from ..data.sources import load_eval_text
 from ..modeling.offload import input_device
 
@@ -43,11 +44,14 @@ def model_context(model: nn.Module) -> int | None:
 def perplexity_of_ids(
     model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 1, progress: bool = True, desc: str = "ppl"
 ) -> tuple[float, int]:
-    """Perplexity of ``model`` over the 1-D token stream ``ids`` in windows of ``seq_len``; (ppl, tokens)."""
+    """Perplexity of ``model`` over the 1-D token stream ``ids`` in windows of ``seq_len``; (ppl, tokens).
+
+    In a distributed run each rank evaluates every ``world``-th window and the sums are combined."""
     num_windows = ids.numel() // seq_len
     if num_windows == 0:
         raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}.")
-    windows = ids[: num_windows * seq_len].reshape(num_windows, seq_len)
+    windows = ids[: num_windows * seq_len].reshape(num_windows, seq_len)[dist.rank()::dist.world_size()]
+    progress = progress and dist.is_main_process()
     device = input_device(model)
     was_training = model.training
     model.eval()
@@ -65,6 +69,7 @@ def perplexity_of_ids(
             total_count += targets.numel()
     finally:
         model.train(was_training)
+    total_nll, total_count = dist.all_reduce_numbers([total_nll, total_count])
     return math.exp(total_nll / total_count), num_windows * seq_len
 
 

@@ -29,6 +29,10 @@ class InputStatistics(ABC):
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``x`` of shape (..., in_features)."""
 
+    def all_reduce(self) -> None:
+        """Sum the statistics of every rank of a distributed run into each rank's copy (see
+        `optimum_recon.distributed`). Statistics that are not plain sums must override this."""
+
 
 class MaskMethod(ABC):
     """One way of choosing masks. Subclasses are registered by name in `optimum_recon.masks`."""

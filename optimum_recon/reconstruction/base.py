@@ -19,7 +19,8 @@ class WindowTask:
 
     ``forward(x)`` runs the window's blocks in order on a batch ``x`` (B, T, H) already on ``device`` and
     returns the output on the device (with autograd when enabled). ``inputs`` and ``targets`` are
-    (N, T, H) CPU tensors: the pruned model's inputs to the window and the outputs it should produce.
+    (N, T, H) CPU tensors: the pruned model's inputs to the window and the outputs it should produce (in a
+    distributed run, for this rank's windows only; see ``sample_rows``).
     ``masks`` maps each pruned weight parameter to its keep-mask in the parameter's own layout, ``modules``
     to the layer that owns it.
     """
@@ -33,6 +34,14 @@ class WindowTask:
     seed: int
     modules: dict[nn.Parameter, nn.Module]  # the layer owning each masked weight
     progress: bool = False  # show an epoch progress bar
+    # Distributed runs: for each global calibration window, its row in ``inputs``/``targets`` on this rank, or
+    # -1 when another rank holds it. None: ``inputs`` holds every window (a single process).
+    sample_rows: torch.Tensor | None = None
+
+    @property
+    def num_samples(self) -> int:
+        """The number of calibration windows over all ranks (training batches are drawn from these)."""
+        return self.inputs.shape[0] if self.sample_rows is None else self.sample_rows.numel()
 
 
 class Reconstruction(ABC):

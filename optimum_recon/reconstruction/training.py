@@ -6,6 +6,12 @@ paper's settings: lr 2e-4, betas (0.9, 0.95), no weight decay, batch 8, 10 epoch
 stay fixed: gradients of pruned weights are zeroed and the weights are multiplied by their mask after
 every step, so they are exactly zero throughout and N:M groups stay valid. The optimizer state exists
 only while the window is trained.
+
+In a distributed run every rank draws the same global batches (the same seeded permutation of all the
+calibration windows), runs the windows of each batch that it holds, and contributes the sum of their squared
+errors divided by the size of the *global* batch; the gradients are summed over ranks before each step. That
+is the gradient of the single-process loss, so every rank takes the same step and the result matches a
+single-process run up to floating-point reduction order.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from ..distributed import all_reduce_gradients_, all_reduce_numbers
 from .base import Reconstruction, WindowTask
 from .lora import masked_low_rank
 
@@ -101,7 +108,8 @@ def _batches(num_samples: int, batch_size: int, generator: torch.Generator) -> l
 def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
     """Minimize MSE(window(inputs), targets) over the window's parameters; masks stay fixed."""
     generator = torch.Generator().manual_seed(task.seed)
-    steps_per_epoch = len(_batches(task.inputs.shape[0], config.batch_size, torch.Generator()))
+    num_samples = task.num_samples
+    steps_per_epoch = len(_batches(num_samples, config.batch_size, torch.Generator()))
     total_steps = config.epochs * steps_per_epoch
     dtype = _DTYPES[config.train_dtype]
     amp = dtype != torch.float32
@@ -116,15 +124,21 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
         bar = tqdm(total=config.epochs, desc="  epochs", unit="epoch", leave=False, disable=not task.progress)
         for _ in range(config.epochs):
             epoch_loss = 0.0
-            batches = _batches(task.inputs.shape[0], config.batch_size, generator)
+            batches = _batches(num_samples, config.batch_size, generator)
             for index in batches:
-                x = task.inputs[index].to(task.device, non_blocking=True)
-                y = task.targets[index].to(task.device, non_blocking=True)
-                with torch.autocast(task.device.type, dtype=dtype, enabled=amp):
-                    out = task.forward(x)
-                loss = nn.functional.mse_loss(out.float(), y.float())
+                rows = index if task.sample_rows is None else task.sample_rows[index]
+                rows = rows[rows >= 0]  # the batch's windows held by this rank (all in a single process)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                if len(rows):
+                    x = task.inputs[rows].to(task.device, non_blocking=True)
+                    y = task.targets[rows].to(task.device, non_blocking=True)
+                    with torch.autocast(task.device.type, dtype=dtype, enabled=amp):
+                        out = task.forward(x)
+                    # the mean over the global batch: this rank's share of it
+                    loss = nn.functional.mse_loss(out.float(), y.float(), reduction="sum") / (len(index) * y[0].numel())
+                    scaler.scale(loss).backward()
+                    epoch_loss += float(loss.detach())
+                all_reduce_gradients_(params)
                 scaler.step(optimizer)
                 scaler.update()
                 schedule.step()
@@ -132,7 +146,7 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
                     with torch.no_grad():
                         for param, mask in task.masks.items():
                             param.mul_(mask)
-                epoch_loss += float(loss.detach())
+            epoch_loss = all_reduce_numbers([epoch_loss])[0]
             losses.append(epoch_loss / max(len(batches), 1))
             bar.set_postfix(loss=f"{losses[-1]:.3g}")
             bar.update(1)

@@ -1,0 +1,64 @@
+"""Run by tests/test_distributed.py under `torchrun`: prune a tiny model with a few recipes and dump, per rank,
+the masks, weights and report of each, so the test can compare world sizes. Not a test module itself.
+
+Usage: torchrun --nproc_per_node=N tests/distributed_worker.py MODEL_DIR TEXT_FILE OUT_DIR [--fail MODE]
+  --fail mismatch: rank 1 is given another sparsity; --fail stall: rank 1 stops answering in block 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
+from optimum_recon import distributed as dist
+
+RECIPES = {
+    "sparsegpt-lr": dict(method="sparsegpt", reconstruction="layer"),
+    "sparsegpt-br-gp": dict(method="sparsegpt", reconstruction="block", propagation="global", epochs=2),
+    "wanda-cr-local": dict(method="wanda", reconstruction="cross_block", propagation="local", epochs=1),
+    "sparsegpt-br-self": dict(method="sparsegpt", reconstruction="block", epochs=1, self_samples=6),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("text")
+    parser.add_argument("out")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--fail", choices=["mismatch", "stall"])
+    args = parser.parse_args()
+    out = Path(args.out)
+    for name in args.recipes.split(","):
+        recipe = dict(RECIPES[name])
+        self_samples = recipe.pop("self_samples", 0)
+        source = f"{args.text}+self:{self_samples}" if self_samples else args.text
+        calibration = CalibrationConfig(source=source, num_samples=12, seq_len=16, heldout_samples=4,
+                                        self_batch_size=2)
+        sparsity = 0.5
+        if args.fail == "mismatch" and int(os.environ["RANK"]) == 1:
+            sparsity = 0.6
+        config = PruningConfig(sparsity=sparsity, batch_size=4, calibration=calibration, **recipe)
+        pruner = ReconPruner.from_pretrained(args.model, config=config)
+        if args.fail == "stall" and dist.rank() == 1:
+            def stall(module, inputs):
+                time.sleep(600)
+            pruner.model.model.layers[1].register_forward_pre_hook(stall)
+        report = pruner.prune(progress=False)
+        ppl = pruner.evaluate(args.text, seq_len=16, progress=False)[args.text].perplexity
+        weights = {k: v.detach().clone() for k, v in pruner.model.state_dict().items()}
+        torch.save({"weights": weights, "report": report.to_dict(), "perplexity": ppl,
+                    "world": dist.world_size()}, out / f"{name}-rank{dist.rank()}.pt")
+        pruner.save_pretrained(out / f"saved-{name}")
+    if dist.is_main_process():
+        (out / "done.json").write_text(json.dumps({"world": dist.world_size()}))
+
+
+if __name__ == "__main__":
+    main()
