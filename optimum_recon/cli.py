@@ -7,8 +7,10 @@ help text and defaults are written once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 from typing import Any
@@ -367,8 +369,12 @@ def run_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
             parser.print_help()
         return 2
     _configure_logging(getattr(args, "verbose", False))
+    # Under torchrun / accelerate launch every rank runs this command; rank 0 prints the results.
+    quiet = int(os.environ.get("RANK", "0")) != 0
     try:
-        return handler(args)
+        with open(os.devnull, "w") as devnull, (contextlib.redirect_stdout(devnull) if quiet
+                                                 else contextlib.nullcontext()):
+            return handler(args)
     except (ValueError, FileNotFoundError, OSError, ImportError, NotImplementedError, HubUploadError) as err:
         print(f"optimum-recon: error: {err}", file=sys.stderr)
         return 2

@@ -135,3 +135,19 @@ def test_a_stalled_rank_times_out_instead_of_hanging(runs, tmp_path):
     assert elapsed < 200, f"took {elapsed:.0f} s"  # rank 1 sleeps 600 s: the timeout ended the run
     log = done.stdout + done.stderr
     assert "DistributedPeerError: rank 0 of 2" in log and "OPTIMUM_RECON_DIST_TIMEOUT" in log, log[-4000:]
+
+
+def test_cli_under_torchrun(runs, tmp_path):
+    """`torchrun -m optimum_recon.cli prune ...`: one saved folder, the summary printed once (by rank 0)."""
+    _, model, text, _ = runs
+    out = tmp_path / "pruned"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+               "optimum_recon.cli", "prune", "--model", str(model), "--calibration", str(text), "--num-samples", "8",
+               "--seq-len", "16", "--batch-size", "4", "--reconstruction", "block", "--epochs", "1", "--no-progress",
+               "--output", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.stdout.count("saved to") == 1, done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
+    assert (out / "model.safetensors").is_file() and (out / "pruning_report.json").is_file()

@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default=str(HERE / "results" / "compare"))
     parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny random model")
+    parser.add_argument("--reuse", action="store_true", help="reuse the pruned models already in --work-dir (only "
+                        "evaluate again, e.g. to time the speed on an idle machine); prune times come from their reports")
     args = parser.parse_args()
     if args.data_dir:
         os.environ["OPTIMUM_RECON_DATA_DIR"] = str(Path(args.data_dir).resolve())
@@ -59,6 +61,11 @@ def main() -> None:
     timings = {}
     pruned = []
     for name, reconstruction in (("LR", "layer"), ("BR+GP", "block")):
+        folder = work / name.replace("+", "-").lower()
+        if args.reuse and (folder / "pruning_report.json").is_file():
+            timings[name] = json.loads((folder / "pruning_report.json").read_text())["total_seconds"]
+            pruned.append(str(folder))
+            continue
         config = PruningConfig(method="sparsegpt", sparsity=0.5, reconstruction=reconstruction, propagation="global",
                                epochs=args.epochs, calibration=CalibrationConfig(
                                    source=source, num_samples=args.num_samples, seq_len=args.seq_len, seed=0))
@@ -66,7 +73,7 @@ def main() -> None:
         start = time.perf_counter()
         pruner.prune(progress=False)
         timings[name] = time.perf_counter() - start
-        pruned.append(str(pruner.save_pretrained(work / name.replace("+", "-").lower())))
+        pruned.append(str(pruner.save_pretrained(folder)))
         del pruner
     comparison = compare_models(
         [dense, *pruned], names=["dense", "LR", "BR+GP"], datasets=[dataset], eval_seq_len=args.eval_seq_len,
