@@ -151,30 +151,35 @@ def main() -> None:
 
         model, source = default_model_path(), "c4"
     rows = []
+    # (processes, threads each, float64 statistics): the 1 x 1 exact run is the reference the 2-process run must
+    # reproduce (same per-process arithmetic); 1 x 2 is the plain single-process run for the timing
+    runs = [(1, 2, False), (1, 1, True), (2, 1, True)]
     for setting in SETTINGS:
         weights = {}
-        for nproc in (1, 2):
-            out = work / f"{setting}-{nproc}"
+        for nproc, threads, exact in runs:
+            out = work / f"{setting}-{nproc}x{threads}"
             out.mkdir(parents=True, exist_ok=True)
-            torchrun(nproc, 2 // nproc, ["--worker", "prune", "--setting", setting, "--model", model, "--source",
+            run_env = dict(env, OPTIMUM_RECON_EXACT_STATISTICS="1" if exact else "0")
+            torchrun(nproc, threads, ["--worker", "prune", "--setting", setting, "--model", model, "--source",
                                          source, "--out", str(out), "--num-samples", str(args.num_samples),
                                          "--seq-len", str(args.seq_len), "--epochs", str(args.epochs),
-                                         "--batch-size", str(args.batch_size)], env)
+                                         "--batch-size", str(args.batch_size)], run_env)
             summary = json.loads((out / "summary.json").read_text())
-            weights[nproc] = torch.load(out / "weights.pt")
-            rows.append({"setting": setting, **summary})
-        differ = sum(int(((weights[1][k] == 0) != (weights[2][k] == 0)).sum()) for k in weights[1])
-        zeros = sum(int((weights[1][k] == 0).sum()) for k in weights[1])
-        max_diff = max(float((weights[1][k] - weights[2][k]).abs().max()) for k in weights[1])
-        rows[-1].update(mask_entries_differing_from_1_process=differ, pruned_entries=zeros,
-                        max_weight_diff_to_1_process=max_diff)
-        rows[-1]["speedup"] = rows[-2]["seconds"] / rows[-1]["seconds"]
+            weights[(nproc, threads)] = torch.load(out / "weights.pt")
+            rows.append({"setting": setting, "exact_statistics": exact, **summary})
+        for (nproc, threads), row in zip([(1, 2), (2, 1)], (rows[-3], rows[-1])):
+            ref, got = weights[(1, 1)], weights[(nproc, threads)]
+            row.update(mask_entries_differing_from_reference=sum(int(((ref[k] == 0) != (got[k] == 0)).sum())
+                                                                 for k in ref),
+                       pruned_entries=sum(int((ref[k] == 0).sum()) for k in ref),
+                       max_weight_diff_to_reference=max(float((ref[k] - got[k]).abs().max()) for k in ref))
+        rows[-1]["speedup"] = rows[-3]["seconds"] / rows[-1]["seconds"]
     torchrun(2, 1, ["--worker", "allreduce", "--out", str(work)], env)
     allreduce = json.loads((work / "allreduce.json").read_text())
     torch.set_num_threads(2)
     gflops = matmul_gflops()
     for row in rows:
-        if row["world"] == 1:
+        if row["world"] == 1 and row["threads"] == 2:
             flops = block_flops(model, row["tokens"], SETTINGS[row["setting"]], args.epochs)
             row["model_flops_per_block"] = flops
             row["predicted_seconds_per_block"] = flops / (gflops * 1e9)
@@ -184,16 +189,21 @@ def main() -> None:
               "matmul_gflops_2_threads": gflops, "gloo_allreduce": allreduce, "runs": rows}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print("| setting | processes x threads | prune s | s/block | speedup | peak RSS per rank (MiB) | final-block error |"
-          " mask entries ≠ 1-proc | max |Δw| | predicted s/block |")
-    print("| --- | --- | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: |")
+    print("| setting | processes x threads | statistics | prune s | s/block | speedup vs 1 x 2 | peak RSS per rank (MiB) "
+          "| final-block error | mask entries ≠ 1 x 1 | max abs Δw vs 1 x 1 | predicted s/block |")
+    print("| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         predicted = f"{r['predicted_seconds_per_block']:.2f}" if "predicted_seconds_per_block" in r else ""
-        print(f"| {r['setting']} | {r['world']} x {r['threads']} | {r['seconds']:.1f} | {r['seconds_per_block']:.2f} | "
-              f"{r.get('speedup', 1.0):.2f} | {', '.join(f'{p:.0f}' for p in r['peak_rss_mib'])} | "
-              f"{r['final_block_error']:.4g} ({r['final_block_error_normalized']:.4f}) | "
-              f"{r.get('mask_entries_differing_from_1_process', '')} | {r.get('max_weight_diff_to_1_process', 0):.2e} | "
-              f"{predicted} |")
+        speedup = f"{r['speedup']:.2f}" if "speedup" in r else ""
+        if "mask_entries_differing_from_reference" in r:
+            masks = f"{r['mask_entries_differing_from_reference']:,} of {r['pruned_entries']:,}"
+            diff = f"{r['max_weight_diff_to_reference']:.2e}"
+        else:
+            masks, diff = "(reference)", ""
+        print(f"| {r['setting']} | {r['world']} x {r['threads']} | {'float64' if r['exact_statistics'] else 'float32'} | "
+              f"{r['seconds']:.1f} | {r['seconds_per_block']:.2f} | {speedup} | "
+              f"{', '.join(f'{p:.0f}' for p in r['peak_rss_mib'])} | "
+              f"{r['final_block_error']:.4g} ({r['final_block_error_normalized']:.4f}) | {masks} | {diff} | {predicted} |")
     print(f"fp32 matmul: {gflops:.1f} GFLOP/s (2 threads); Gloo all-reduce of {allreduce['bytes'] / 2**20:.1f} MiB: "
           f"{allreduce['seconds'] * 1e3:.1f} ms ({allreduce['gb_per_s']:.2f} GB/s)")
     print(f"written to {args.output}")

@@ -53,15 +53,19 @@ class RssSampler:
         self._thread.start()
 
     @staticmethod
-    def rss_mib() -> float:
+    def rss_mib() -> tuple[float, float, float]:
+        """(VmRSS, RssAnon, RssFile) in MiB: the resident total, anonymous memory, and mapped file pages."""
+        values = {}
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+                key = line.split(":")[0]
+                if key in ("VmRSS", "RssAnon", "RssFile"):
+                    values[key] = int(line.split()[1]) / 1024
+        return tuple(values.get(k, float("nan")) for k in ("VmRSS", "RssAnon", "RssFile"))
 
     def _sample(self) -> None:
-        self.samples.append((time.perf_counter() - self._start, self.rss_mib(), self._phase))
+        total, anon, file = self.rss_mib()
+        self.samples.append((time.perf_counter() - self._start, total, self._phase, anon, file))
 
     @property
     def phase(self) -> str:
@@ -77,7 +81,7 @@ class RssSampler:
         while not self._stop.wait(interval):
             self._sample()
 
-    def stop(self) -> list[tuple[float, float, str]]:
+    def stop(self) -> list[tuple]:
         self._stop.set()
         self._thread.join()
         self._sample()
@@ -214,8 +218,10 @@ def run_big(args) -> dict:
                     t = f.get_tensor(name)
                     zeros, total = zeros + int((t == 0).sum()), total + t.numel()
     peak = max(s[1] for s in samples)
+    peak_anon = max(s[3] for s in samples)
     result = {"model_bytes": model_bytes, "max_memory": args.big_max_memory, "placement": placement,
               "timings": timings, "peak_rss_mib": peak, "peak_rss_fraction": peak * 2**20 / model_bytes,
+              "peak_rss_anon_mib": peak_anon, "peak_rss_file_mib": max(s[4] for s in samples),
               "peak_rss_by_phase": {p: max(s[1] for s in samples if s[2] == p) for p in dict.fromkeys(s[2] for s in
                                                                                                      samples)},
               "saved_bytes": _size_on_disk(saved), "saved_sparsity": zeros / max(total, 1),
@@ -234,8 +240,11 @@ def plot_rss(big: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for phase in dict.fromkeys(s[2] for s in big["samples"]):
-        pts = [(t, r) for t, r, p in big["samples"] if p == phase]
+        pts = [(s[0], s[1]) for s in big["samples"] if s[2] == phase]
         ax.plot([p[0] for p in pts], [p[1] / 1024 for p in pts], ".", markersize=2, label=phase)
+    if len(big["samples"][0]) > 3:  # anonymous memory alone (the rest of RSS is mapped file pages)
+        ax.plot([s[0] for s in big["samples"]], [s[3] / 1024 for s in big["samples"]], "-", color="black",
+                linewidth=0.6, label="anonymous (RssAnon)")
     ax.axhline(big["model_bytes"] * 0.4 / 2**30, color="red", linestyle="--", label="40% of the model")
     ax.axhline(big["model_bytes"] / 2**30, color="grey", linestyle=":", label="model size (fp32)")
     ax.set_xlabel("seconds")
@@ -259,12 +268,13 @@ def tables(results: dict) -> str:
     big = results.get("big")
     if big:
         lines += ["", "| model (fp32) | max_memory | load (s) | prune (s) | save (s) | reload+forward (s) "
-                  "| peak RSS | of model size | saved sparsity |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: "
-                  "| ---: | ---: |",
+                  "| peak RSS | of model size | peak RssAnon | saved sparsity |",
+                  "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
                   f"| {big['model_bytes'] / 2**30:.2f} GiB | cpu {big['max_memory']} | {big['timings']['load']:.0f} | "
                   f"{big['timings']['prune']:.0f} | {big['timings']['save']:.0f} | "
                   f"{big['timings']['reload_and_forward']:.0f} | {big['peak_rss_mib']:,.0f} MiB | "
-                  f"{big['peak_rss_fraction']:.0%} | {big['saved_sparsity']:.3f} |"]
+                  f"{big['peak_rss_fraction']:.0%} | {big.get('peak_rss_anon_mib', float('nan')):,.0f} MiB | "
+                  f"{big['saved_sparsity']:.3f} |"]
     return "\n".join(lines)
 
 

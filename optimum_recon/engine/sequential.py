@@ -38,7 +38,7 @@ from .. import distributed as dist
 from ..configuration import PruningConfig
 from ..masks import get_mask_method
 from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers
-from ..modeling.offload import execution_device, onload
+from ..modeling.offload import execution_device, onload, release_host_memory
 from ..reconstruction import WindowTask, get_reconstruction
 from ..report import BlockRecord, PruningReport, peak_cuda_mib, peak_rss_mib
 from .activations import ActivationStore
@@ -141,7 +141,7 @@ class _Run:
             split.dense[e + 1] = outputs if same else split.passes.map(block, e, split.dense[e], device,
                                                                       out=self.store.new())
         hooks.all_reduce()  # every rank now holds the statistics of all the calibration windows
-        stats = hooks.stats
+        stats = hooks.take()
         if self.config.propagation == "local" and self.window > 1 and self.trains:
             self.dense_copies[e] = copy.deepcopy(block).to("cpu")
         self.masks[e], self.layer_records[e] = apply_masks(layers, stats, self.method, self.config,
@@ -422,6 +422,7 @@ def _loop(run: _Run, report: PruningReport, progress: bool, checkpointer: Checkp
                     bar.update(1)
                 if checkpointer is not None:
                     _save_checkpoint(run, report, checkpointer, s)
+            release_host_memory()
     finally:
         bar.close()
 

@@ -123,6 +123,12 @@ class StatisticsHooks:
         return {layer.name: self._own[self._alias.get(layer.name, layer.name)] for layer in self.layers
                 if self._alias.get(layer.name, layer.name) in self._own}
 
+    def take(self) -> dict[str, Any]:
+        """The statistics by layer name; the hooks keep no reference, so they are freed once used."""
+        stats = self.stats
+        self._own.clear()
+        return stats
+
     def _hook(self, name: str, in_features: int, x: torch.Tensor) -> None:
         # Accumulators and aliases are set up on every hooked batch, active or not, so that every rank of a
         # distributed run ends with the same accumulators (some with nothing added) to sum.
@@ -161,11 +167,16 @@ class StatisticsHooks:
 def apply_masks(
     layers: list[LinearLayer], stats: dict[str, Any], method: MaskMethod, config: PruningConfig, block_name: str
 ) -> tuple[dict[str, torch.Tensor], list[LayerRecord]]:
-    """Choose and apply every layer's mask; return the keep-masks (out, in) and per-layer records."""
+    """Choose and apply every layer's mask; return the keep-masks (out, in) and per-layer records.
+
+    ``stats`` is consumed: each layer's statistics leave it (and are freed) once the layer is pruned."""
     masks, records = {}, []
     for layer in layers:
-        result = method.prune(layer.weight, stats.get(layer.name), sparsity=config.sparsity, nm=config.nm,
+        # popped: statistics shared by several layers (q/k/v) are freed once the last of them is pruned
+        layer_stats = stats.pop(layer.name, None)
+        result = method.prune(layer.weight, layer_stats, sparsity=config.sparsity, nm=config.nm,
                               block_size=config.block_size, dampening=config.dampening)
+        del layer_stats
         layer.set_weight(result.weight)
         masks[layer.name] = result.mask
         used = result.info.get("dampening")

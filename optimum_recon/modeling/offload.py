@@ -10,13 +10,40 @@ evaluation and `save_pretrained` see them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return None
+
+
+def release_host_memory() -> None:
+    """Give memory freed while a block was processed back to the operating system.
+
+    A block leaves many freed buffers below glibc's mmap threshold (Hessians, weight copies, activations of a
+    few MB each) in the heap, where they fragment and keep the resident size growing block after block;
+    ``malloc_trim(0)`` returns free heap pages to the OS. Called once per block (under a millisecond); a no-op
+    outside glibc. (No ``gc.collect()``: tensors are freed by reference counting, and a full collection costs
+    about 0.2 s with transformers loaded.)
+    """
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def default_device() -> torch.device:
