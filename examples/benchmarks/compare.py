@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "results" / "compare"))
     parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny random model")
     parser.add_argument("--reuse", action="store_true", help="reuse the pruned models already in --work-dir (only "
-                        "evaluate again, e.g. to time the speed on an idle machine); prune times come from their reports")
+                        "evaluate again, e.g. to time the speed on an idle machine); prune times come from their "
+                        "reports")
     args = parser.parse_args()
     if args.data_dir:
         os.environ["OPTIMUM_RECON_DATA_DIR"] = str(Path(args.data_dir).resolve())

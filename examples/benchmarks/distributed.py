@@ -189,8 +189,9 @@ def main() -> None:
               "matmul_gflops_2_threads": gflops, "gloo_allreduce": allreduce, "runs": rows}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print("| setting | processes x threads | statistics | prune s | s/block | speedup vs 1 x 2 | peak RSS per rank (MiB) "
-          "| final-block error | mask entries ≠ 1 x 1 | max abs Δw vs 1 x 1 | predicted s/block |")
+    print("| setting | processes x threads | statistics | prune s | s/block | speedup vs 1 x 2 "
+          "| peak RSS per rank (MiB) | final-block error | mask entries ≠ 1 x 1 | max abs Δw vs 1 x 1 "
+          "| predicted s/block |")
     print("| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         predicted = f"{r['predicted_seconds_per_block']:.2f}" if "predicted_seconds_per_block" in r else ""
@@ -200,10 +201,12 @@ def main() -> None:
             diff = f"{r['max_weight_diff_to_reference']:.2e}"
         else:
             masks, diff = "(reference)", ""
-        print(f"| {r['setting']} | {r['world']} x {r['threads']} | {'float64' if r['exact_statistics'] else 'float32'} | "
+        statistics = "float64" if r["exact_statistics"] else "float32"
+        print(f"| {r['setting']} | {r['world']} x {r['threads']} | {statistics} | "
               f"{r['seconds']:.1f} | {r['seconds_per_block']:.2f} | {speedup} | "
               f"{', '.join(f'{p:.0f}' for p in r['peak_rss_mib'])} | "
-              f"{r['final_block_error']:.4g} ({r['final_block_error_normalized']:.4f}) | {masks} | {diff} | {predicted} |")
+              f"{r['final_block_error']:.4g} ({r['final_block_error_normalized']:.4f}) | {masks} | {diff} | "
+              f"{predicted} |")
     print(f"fp32 matmul: {gflops:.1f} GFLOP/s (2 threads); Gloo all-reduce of {allreduce['bytes'] / 2**20:.1f} MiB: "
           f"{allreduce['seconds'] * 1e3:.1f} ms ({allreduce['gb_per_s']:.2f} GB/s)")
     print(f"written to {args.output}")

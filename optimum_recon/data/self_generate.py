@@ -5,8 +5,9 @@ model writes itself. Each sequence starts from a first token drawn uniformly fro
 tokens excluded), or from a user prompt, and is sampled (temperature 1.0, top-k 50, top-p 1.0 by default)
 with the KV cache, in batches, under a fixed seed: batch j is sampled under a seed derived from (seed, j), so
 the same seed, settings and batch size give the same tokens, also when a distributed run splits the batches
-over its ranks (rank r generates batches r, r + world, ...; the kept samples are gathered in batch order). Sequences are exactly `seq_len` tokens long: with `on_eos="continue"` the end-of-sequence token is
-suppressed until then; with `"resample"` a sequence that ends early is dropped and generated again.
+over its ranks (rank r generates batches r, r + world, ...; the kept samples are gathered in batch order).
+Sequences are exactly `seq_len` tokens long: with `on_eos="continue"` the end-of-sequence token is suppressed
+until then; with `"resample"` a sequence that ends early is dropped and generated again.
 
 The result is a `datasets.Dataset` (`input_ids`, `text`) cached on disk under a key made of the model's
 identity, the seed and every setting, so a second prune does not generate again.

@@ -32,6 +32,7 @@ class InputStatistics(ABC):
     def all_reduce(self) -> None:
         """Sum the statistics of every rank of a distributed run into each rank's copy (see
         `optimum_recon.distributed`). Statistics that are not plain sums must override this."""
+        return None  # single-process statistics need nothing; the built-in ones override it
 
 
 class MaskMethod(ABC):
