@@ -174,6 +174,8 @@ def apply_masks(
     for layer in layers:
         # popped: statistics shared by several layers (q/k/v) are freed once the last of them is pruned
         layer_stats = stats.pop(layer.name, None)
+        if layer_stats is not None:
+            layer_stats.last_use = not any(other is layer_stats for other in stats.values())
         result = method.prune(layer.weight, layer_stats, sparsity=config.sparsity, nm=config.nm,
                               block_size=config.block_size, dampening=config.dampening)
         del layer_stats

@@ -23,7 +23,13 @@ class PruneResult:
 
 
 class InputStatistics(ABC):
-    """Accumulates what a method needs to know about a layer's inputs, one batch at a time."""
+    """Accumulates what a method needs to know about a layer's inputs, one batch at a time.
+
+    ``last_use`` is set by the engine before the last layer sharing these statistics is pruned: they may then
+    hand their memory over instead of copying it.
+    """
+
+    last_use: bool = False
 
     @abstractmethod
     def update(self, x: torch.Tensor) -> None:

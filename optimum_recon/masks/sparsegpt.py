@@ -61,8 +61,13 @@ def sparsegpt_prune(
     nm: tuple[int, int] | None = None,
     block_size: int = 128,
     dampening: float = 0.01,
+    *,
+    overwrite_hessian: bool = False,
 ) -> PruneResult:
     """Prune ``weight`` (out, in) with SparseGPT given the layer Hessian ``hessian`` (in, in).
+
+    With ``overwrite_hessian=True`` a float32 ``hessian`` is factorized in its own memory (its values are
+    destroyed) instead of a copy: one (in, in) matrix less at the peak.
 
     Unstructured: inside every block of ``block_size`` columns exactly ``int(rows * cols * sparsity)``
     weights with the lowest OBS saliency w_j^2 / U_jj^2 are pruned (U_jj^2 = [inv(H_F)]_00 with F the
@@ -73,7 +78,10 @@ def sparsegpt_prune(
     """
     out_dtype = weight.dtype
     W = weight.detach().clone().float()  # (rows, cols)
-    H = hessian.detach().clone().float()  # (cols, cols)
+    H = hessian.detach().float()  # (cols, cols)
+    if H is hessian and not overwrite_hessian:
+        H = H.clone()
+    del hessian
     rows, cols = W.shape
     if nm is not None and cols % nm[1]:
         raise ValueError(f"an N:M pattern with M={nm[1]} needs an input width divisible by {nm[1]}, got {cols}.")
@@ -137,11 +145,14 @@ class SparseGPT(MaskMethod):
         return HessianStatistics(in_features, device)
 
     def prune(self, weight, stats, *, sparsity, nm, **options: Any) -> PruneResult:
+        # the Hessian is computed for this call (or handed over by its statistics on their last use): factorize
+        # it in place
         return sparsegpt_prune(
             weight,
-            stats.hessian,
+            stats.take_hessian(),
             sparsity,
             nm,
             block_size=options.get("block_size", 128),
             dampening=options.get("dampening", 0.01),
+            overwrite_hessian=True,
         )

@@ -55,4 +55,14 @@ class HessianStatistics(InputStatistics):
 
     @property
     def hessian(self) -> torch.Tensor:
+        """H as a new float32 tensor."""
         return (self.xtx * (2.0 / max(self.num_tokens, 1))).float()
+
+    def take_hessian(self) -> torch.Tensor:
+        """H for the caller to keep (and overwrite). On the statistics' last use (``last_use``) the sums' own memory
+        is handed over (float32) or freed (float64), so that a wide layer's Hessian does not exist twice; the
+        statistics are empty afterwards."""
+        if not self.last_use:
+            return self.hessian
+        xtx, self.xtx = self.xtx, None
+        return xtx.mul_(2.0 / max(self.num_tokens, 1)).float()
