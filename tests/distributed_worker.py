@@ -2,7 +2,8 @@
 the masks, weights and report of each, so the test can compare world sizes. Not a test module itself.
 
 Usage: torchrun --nproc_per_node=N tests/distributed_worker.py MODEL_DIR TEXT_FILE OUT_DIR [--fail MODE]
-  --fail mismatch: rank 1 is given another sparsity; --fail stall: rank 1 stops answering in block 1.
+  --fail mismatch: rank 1 is given another sparsity; --fail stall: rank 1 stops answering in block 1;
+  --checkpoint-dir DIR [--crash-at-block K]: a resumable run (that every rank abandons entering block K).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--fail", choices=["mismatch", "stall"])
+    parser.add_argument("--checkpoint-dir", default=None)
+    parser.add_argument("--crash-at-block", type=int, default=None, help="every rank raises entering this block")
     args = parser.parse_args()
     out = Path(args.out)
     for name in args.recipes.split(","):
@@ -50,7 +53,11 @@ def main() -> None:
             def stall(module, inputs):
                 time.sleep(600)
             pruner.model.model.layers[1].register_forward_pre_hook(stall)
-        report = pruner.prune(progress=False)
+        if args.crash_at_block is not None:
+            def crash(module, inputs):
+                raise RuntimeError("injected crash")
+            pruner.model.model.layers[args.crash_at_block].register_forward_pre_hook(crash)
+        report = pruner.prune(progress=False, checkpoint_dir=args.checkpoint_dir)
         ppl = pruner.evaluate(args.text, seq_len=16, progress=False)[args.text].perplexity
         weights = {k: v.detach().clone() for k, v in pruner.model.state_dict().items()}
         torch.save({"weights": weights, "report": report.to_dict(), "perplexity": ppl,

@@ -151,3 +151,22 @@ def test_cli_under_torchrun(runs, tmp_path):
     assert done.stdout.count("saved to") == 1, done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
     assert (out / "model.safetensors").is_file() and (out / "pruning_report.json").is_file()
+
+
+def test_interrupted_distributed_run_resumes_to_the_same_model(runs, tmp_path):
+    """Both ranks stop entering block 2; the same command with the same checkpoint folder finishes from there
+    and gives exactly the model of the uninterrupted 2-process run."""
+    _, model, text, results = runs
+    checkpoint = tmp_path / "checkpoint"
+    args = [str(model), str(text), str(tmp_path), "--recipes", "sparsegpt-br-gp", "--checkpoint-dir", str(checkpoint)]
+    crashed = _torchrun(2, [*args, "--crash-at-block", "2"], timeout=300)
+    assert crashed.returncode != 0 and "injected crash" in crashed.stdout + crashed.stderr
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["rank0-of-2", "rank1-of-2"]
+    resumed = _torchrun(2, args, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert "resuming from" in resumed.stderr
+    straight = _load(results[2], "sparsegpt-br-gp", 0)
+    again = _load(tmp_path, "sparsegpt-br-gp", 0)
+    for name, value in straight["weights"].items():
+        assert torch.equal(again["weights"][name], value), name
+    assert [b["error"] for b in again["report"]["blocks"]] == [b["error"] for b in straight["report"]["blocks"]]
