@@ -139,6 +139,19 @@ def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """Overwrite ``tensor`` on every rank with rank ``src``'s values, in place."""
+    if not is_distributed():
+        return tensor
+    device = _collective_device()
+    buffer = tensor if tensor.device == device and tensor.is_contiguous() else tensor.to(device).contiguous()
+    with _collective(f"receiving a result from rank {src}"):
+        torch.distributed.broadcast(buffer, src=src)
+    if buffer is not tensor:
+        tensor.copy_(buffer)
+    return tensor
+
+
 def all_reduce_numbers(values: Iterable[float]) -> list[float]:
     """Sum a few Python numbers over ranks (in float64)."""
     values = list(values)

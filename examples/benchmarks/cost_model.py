@@ -4,7 +4,10 @@ Pure arithmetic (instant); every input is a flag, and `docs/howto/distributed.md
 
     compute   = forwards * 2 * P * N / (G * R)     forwards = 3 (LR) or 4 + 3 * epochs (BR: forward + backward
                                                    = 3 forward-equivalents per epoch, plus the "before" error pass)
-    solve     = S / R_solve                        SparseGPT's per-layer solves; every rank repeats them
+    solve     = max over ranks of S_rank / R_solve SparseGPT's per-layer solves, layer i on rank i % G (the
+                                                   largest layer, the down projection, bounds it); then each
+                                                   result is broadcast:
+    results   = broadcast(4 * P)                   the pruned weights, once per block
     stats     = allreduce(8 * sum of d_in^2)       the float64 Hessians, once per block
     gradients = steps * allreduce(g * P)           once per training step, not overlapped with compute
     allreduce(bytes) = 2 (G - 1) / G * bytes / busbw + latency
@@ -38,14 +41,14 @@ LINKS = {
 }
 
 
-def block_shapes(m: dict) -> tuple[int, float, float]:
-    """(parameters of one block, SparseGPT solve FLOPs, float64 Hessian bytes)."""
+def block_shapes(m: dict) -> tuple[int, list[float], float]:
+    """(parameters of one block, SparseGPT solve FLOPs per layer, float64 Hessian bytes)."""
     h, i = m["hidden"], m["inter"]
     kv = h // m["heads"] * m["kv_heads"]
     layers = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # (out, in): q k v o gate up down
     params = sum(o * n for o, n in layers) + 2 * h  # + the two norms
     # lazy-batch OBS updates ~ d_out * d_in^2, plus the Cholesky factor and inverse ~ d_in^3 per layer
-    solve = sum(o * n * n + n**3 for o, n in layers)
+    solve = [o * n * n + n**3 for o, n in layers]
     hessians = 8 * (3 * h * h + i * i)  # q/k/v, o, gate/up share inputs; down has its own (float64 sums)
     return params, solve, hessians
 
@@ -54,6 +57,10 @@ def allreduce(num_bytes: float, gpus: int, busbw: float, latency: float) -> floa
     if gpus == 1:
         return 0.0
     return 2 * (gpus - 1) / gpus * num_bytes / (busbw * 1e9) + latency
+
+
+def broadcast(num_bytes: float, gpus: int, busbw: float, latency: float) -> float:
+    return 0.0 if gpus == 1 else num_bytes / (busbw * 1e9) + latency
 
 
 def estimate(name: str, setting: str, gpus: int, link: str, args: argparse.Namespace) -> dict:
@@ -66,8 +73,8 @@ def estimate(name: str, setting: str, gpus: int, link: str, args: argparse.Names
     steps = args.epochs * (args.samples // args.batch_size) if trains else 0
     parts = {
         "compute": forwards * 2 * params * tokens / (gpus * args.tflops * 1e12),
-        "solve": solve_flops / (args.solve_tflops * 1e12),
-        "stats": allreduce(hessian_bytes, gpus, busbw, latency),
+        "solve": max(sum(solve_flops[r::gpus]) for r in range(gpus)) / (args.solve_tflops * 1e12),
+        "stats": allreduce(hessian_bytes, gpus, busbw, latency) + broadcast(4 * params, gpus, busbw, latency),
         "gradients": steps * allreduce(args.grad_bytes * params, gpus, busbw, latency),
     }
     total = sum(parts.values())

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..configuration import PruningConfig
-from ..distributed import all_reduce_numbers
+from ..distributed import all_gather_objects, all_reduce_numbers, broadcast_, rank, world_size
 from ..masks import MaskMethod
 from ..modeling.blocks import LinearLayer
 from ..report import LayerRecord
@@ -169,27 +169,43 @@ def apply_masks(
 ) -> tuple[dict[str, torch.Tensor], list[LayerRecord]]:
     """Choose and apply every layer's mask; return the keep-masks (out, in) and per-layer records.
 
-    ``stats`` is consumed: each layer's statistics leave it (and are freed) once the layer is pruned."""
-    masks, records = {}, []
-    for layer in layers:
+    ``stats`` is consumed: each layer's statistics leave it (and are freed) once the layer is pruned. In a
+    distributed run the layers' solves are shared out (layer ``i`` on rank ``i % world``) and each result is
+    broadcast from the rank that computed it: the same masks and weights everywhere, at a fraction of the work."""
+    world, me = world_size(), rank()
+    masks: dict[str, torch.Tensor] = {}
+    used: dict[str, float | None] = {}
+    for i, layer in enumerate(layers):
         # popped: statistics shared by several layers (q/k/v) are freed once the last of them is pruned
         layer_stats = stats.pop(layer.name, None)
         if layer_stats is not None:
             layer_stats.last_use = not any(other is layer_stats for other in stats.values())
-        result = method.prune(layer.weight, layer_stats, sparsity=config.sparsity, nm=config.nm,
-                              block_size=config.block_size, dampening=config.dampening)
+        if i % world == me:
+            result = method.prune(layer.weight, layer_stats, sparsity=config.sparsity, nm=config.nm,
+                                  block_size=config.block_size, dampening=config.dampening)
+            layer.set_weight(result.weight)
+            masks[layer.name] = result.mask
+            used[layer.name] = result.info.get("dampening")
         del layer_stats
-        layer.set_weight(result.weight)
-        masks[layer.name] = result.mask
-        used = result.info.get("dampening")
-        if used is not None and used > config.dampening:
+    if world > 1:
+        for i, layer in enumerate(layers):
+            owner = i % world
+            broadcast_(layer.module.weight.data, src=owner)  # in the module's own layout
+            mask = masks[layer.name].to(torch.uint8) if owner == me else torch.empty(
+                tuple(layer.weight.shape), dtype=torch.uint8, device=layer.weight.device)
+            masks[layer.name] = broadcast_(mask, src=owner).bool()
+        used = {k: v for part in all_gather_objects(used) for k, v in part.items()}
+    records = []
+    for layer in layers:
+        damp = used.get(layer.name)
+        if damp is not None and damp > config.dampening:
             warnings.warn(
                 f"{block_name}.{layer.name}: the Hessian was not positive definite with dampening "
-                f"{config.dampening:g}; used {used:g} instead. Consider more calibration samples.",
+                f"{config.dampening:g}; used {damp:g} instead. Consider more calibration samples.",
                 stacklevel=2,
             )
         zeros = float((layer.weight == 0).float().mean())
-        records.append(LayerRecord(f"{block_name}.{layer.name}", tuple(layer.weight.shape), zeros, used))
+        records.append(LayerRecord(f"{block_name}.{layer.name}", tuple(layer.weight.shape), zeros, damp))
     return masks, records
 
 
