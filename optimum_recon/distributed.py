@@ -126,30 +126,29 @@ def owned(index: int) -> bool:
     return index % world_size() == rank()
 
 
-def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (moved to the backend's device and back when needed)."""
-    if not is_distributed():
-        return tensor
-    device = _collective_device()
-    buffer = tensor if tensor.device == device else tensor.to(device)
-    with _collective("a sum over ranks"):
-        torch.distributed.all_reduce(buffer)
-    if buffer is not tensor:
-        tensor.copy_(buffer)
-    return tensor
-
-
-def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
-    """Overwrite ``tensor`` on every rank with rank ``src``'s values, in place."""
+def _in_place(tensor: torch.Tensor, what: str, operation) -> torch.Tensor:
+    """Run the collective ``operation(buffer)`` on ``tensor``'s values and leave the result in ``tensor``: the
+    buffer is ``tensor`` itself when it is contiguous on the backend's device, else a copy there."""
     if not is_distributed():
         return tensor
     device = _collective_device()
     buffer = tensor if tensor.device == device and tensor.is_contiguous() else tensor.to(device).contiguous()
-    with _collective(f"receiving a result from rank {src}"):
-        torch.distributed.broadcast(buffer, src=src)
+    with _collective(what):
+        operation(buffer)
     if buffer is not tensor:
         tensor.copy_(buffer)
     return tensor
+
+
+def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (moved to the backend's device and back when needed)."""
+    return _in_place(tensor, "a sum over ranks", torch.distributed.all_reduce)
+
+
+def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """Overwrite ``tensor`` on every rank with rank ``src``'s values, in place."""
+    return _in_place(tensor, f"receiving a result from rank {src}",
+                     lambda buffer: torch.distributed.broadcast(buffer, src=src))
 
 
 def all_reduce_numbers(values: Iterable[float]) -> list[float]:

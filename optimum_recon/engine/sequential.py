@@ -193,11 +193,10 @@ class _Run:
                 if s in split.local:
                     local_meter.update(y, split.local[s][b])
                 outputs.append(y)
-            before = self._error_before(split, s, device).all_reduce() if s in self.snapshots else None
             meter.all_reduce()  # the errors over every rank's windows
             if s in split.local:
                 local_meter.all_reduce()
-            before = meter if before is None else before
+            before = self._error_before(split, s, device).all_reduce() if s in self.snapshots else meter
             record.set_errors("heldout" if split is self.heldout else "calibration", meter, before,
                               local_meter if s in split.local else None)
             split.sparse[s + 1] = outputs
