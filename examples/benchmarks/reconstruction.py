@@ -34,6 +34,8 @@ ROWS = {  # name -> (reconstruction, propagation, extra config)
 
 
 def run_row(args, method: str, row: str) -> dict:
+    import torch
+
     from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
 
     reconstruction, propagation, extra = ROWS[row]
@@ -52,7 +54,7 @@ def run_row(args, method: str, row: str) -> dict:
         "method": method, "row": row, "wikitext2": ppl["wikitext2"].perplexity, "seconds": seconds,
         "peak_rss_mib": report.peak_rss_mib, "final_error": last.error, "final_error_normalized": last.error_normalized,
         "heldout_error": last.heldout_error, "heldout_error_normalized": last.heldout_error_normalized,
-        "optimizer_state_mib": max(states, default=0) / 2**20,
+        "optimizer_state_mib": max(states, default=0) / 2**20, "torch_threads": torch.get_num_threads(),
         "per_block": [{"index": b.index, "error": b.error, "error_normalized": b.error_normalized,
                        "error_before": b.error_before, "heldout_error": b.heldout_error} for b in report.blocks],
     }
