@@ -37,3 +37,40 @@ def test_offload_benchmark_tiny(tmp_path):
     assert {"load", "prune", "save", "reload"} <= set(big["peak_rss_by_phase"])
     assert (tmp_path / "offload_rss.png").stat().st_size > 0
     assert "saved sparsity" in result.stdout
+
+
+def test_reconstruction_benchmark_merges_rows_run_side_by_side(tmp_path):
+    """Rows run into separate files are merged in the table's order; other settings are refused."""
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "reconstruction.py"
+
+    def row(method, name, error, threads=2):
+        blocks = [{"index": 0, "error": error / 2, "error_normalized": 0.01, "error_before": error / 2,
+                   "heldout_error": error}, {"index": 1, "error": error, "error_normalized": 0.02,
+                                             "error_before": error, "heldout_error": 2 * error}]
+        return {"method": method, "row": name, "wikitext2": 30.0, "seconds": 10.0, "peak_rss_mib": 100.0,
+                "final_error": error, "final_error_normalized": 0.02, "heldout_error": 2 * error,
+                "heldout_error_normalized": 0.04, "optimizer_state_mib": 0.0, "torch_threads": threads,
+                "per_block": blocks}
+
+    settings = {"num_samples": 64, "seq_len": 512}
+    main = tmp_path / "results.json"
+    main.write_text(json.dumps({"commit": "a", "settings": settings, "runs": [row("sparsegpt", "BR+GP", 2.0)]}))
+    side = tmp_path / "side.json"
+    side.write_text(json.dumps({"commit": "b", "settings": settings,
+                                "runs": [row("sparsegpt", "BR+GP", 9.0), row("sparsegpt", "LR", 8.0, threads=1)]}))
+    result = subprocess.run([sys.executable, str(script), "--output", str(main), "--merge", str(side)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = json.loads(main.read_text())
+    assert [(r["row"], r["final_error"]) for r in merged["runs"]] == [("LR", 8.0), ("BR+GP", 2.0)]  # kept, ordered
+    assert merged["commit"] == ["a", "b"]
+    assert "| -75% |" in result.stdout and "8† |" not in result.stdout and "10† |" in result.stdout
+    assert (tmp_path / "results_sparsegpt.png").stat().st_size > 0
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"commit": "c", "settings": {"num_samples": 32}, "runs": []}))
+    result = subprocess.run([sys.executable, str(script), "--output", str(main), "--merge", str(other)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "other settings" in result.stderr

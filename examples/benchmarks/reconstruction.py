@@ -9,6 +9,13 @@ The issue's setting is 64 C4 windows of 512 tokens, 10 epochs: on 2 CPU cores a 
 hour and a CR row an hour. `--num-samples`, `--seq-len` and `--epochs` scale it down; the table says what ran.
 
     python examples/benchmarks/reconstruction.py [--methods sparsegpt,wanda] [--num-samples 64] [--seq-len 512]
+
+Rows can run side by side, one thread each, into their own files, then be merged (on 2 cores two one-thread
+rows get through about 30% more work than one two-thread row):
+
+    OMP_NUM_THREADS=1 python examples/benchmarks/reconstruction.py --resume --rows BR+GP+CR --output a.json &
+    OMP_NUM_THREADS=1 python examples/benchmarks/reconstruction.py --resume --rows BR --output b.json &
+    wait; python examples/benchmarks/reconstruction.py --merge a.json b.json
 """
 
 from __future__ import annotations
@@ -62,16 +69,21 @@ def run_row(args, method: str, row: str) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| method | reconstruction | final-block error (normalized) | held-out error (normalized) | WikiText-2 ppl "
-        "| time (s) | peak RSS (MiB) | optimizer state (MiB) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | reconstruction | final-block error (normalized) | vs LR | held-out error (normalized) "
+        "| WikiText-2 ppl | time (s) | peak RSS (MiB) | optimizer state (MiB) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    lr = {r["method"]: r["final_error"] for r in results["runs"] if r["row"] == "LR"}
     for r in results["runs"]:
+        cut = f"{r['final_error'] / lr[r['method']] - 1:+.0%}" if r["method"] in lr else "–"
+        mark = "†" if r.get("torch_threads") == 1 else ""
         lines.append(
-            f"| {r['method']} | {r['row']} | {r['final_error']:.4g} ({r['final_error_normalized']:.3g}) | "
+            f"| {r['method']} | {r['row']} | {r['final_error']:.4g} ({r['final_error_normalized']:.3g}) | {cut} | "
             f"{r['heldout_error']:.4g} ({r['heldout_error_normalized']:.3g}) | {r['wikitext2']:.3f} | "
-            f"{r['seconds']:.0f} | {r['peak_rss_mib']:,.0f} | {r['optimizer_state_mib']:.1f} |"
+            f"{r['seconds']:.0f}{mark} | {r['peak_rss_mib']:,.0f} | {r['optimizer_state_mib']:.1f} |"
         )
+    if any(r.get("torch_threads") == 1 for r in results["runs"]):
+        lines.append("\n† one torch thread, side by side with another row: compare its time only with other † rows")
     return "\n".join(lines)
 
 
@@ -90,10 +102,16 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "results" / "reconstruction.json"))
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in --output (same settings) and run only the missing ones")
+    parser.add_argument("--merge", nargs="+", metavar="FILE",
+                        help="run nothing: add the rows of these result files (same settings; e.g. from runs side by "
+                             "side with OMP_NUM_THREADS=1 and their own --output) to --output, print and plot")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_row(args, *args.child)))
+        return
+    if args.merge:
+        _finish(_merge(Path(args.output), [Path(f) for f in args.merge]), Path(args.output))
         return
     env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
     if args.data_dir:
@@ -123,17 +141,48 @@ def main() -> None:
             print(f"{method} {row}: done in {time.perf_counter() - start:.0f} s", flush=True)
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
+    _finish(results, Path(args.output))
+
+
+def _merge(output: Path, others: list[Path]) -> dict:
+    """The rows of ``output`` plus those of ``others`` that it lacks (a row is a method and a setting)."""
+    files = [output, *others] if output.is_file() else others
+    merged = None
+    for path in files:
+        results = json.loads(path.read_text())
+        if merged is None:
+            merged = results
+            continue
+        if results["settings"] != merged["settings"]:
+            raise SystemExit(f"--merge: {path} was run with other settings: {results['settings']}")
+        done = {(r["method"], r["row"]) for r in merged["runs"]}
+        merged["runs"] += [r for r in results["runs"] if (r["method"], r["row"]) not in done]
+        commits = {*_as_list(merged["commit"]), *_as_list(results["commit"])}
+        merged["commit"] = sorted(commits) if len(commits) > 1 else commits.pop()
+    order = list(ROWS)
+    methods = list(dict.fromkeys(r["method"] for r in merged["runs"]))
+    merged["runs"].sort(key=lambda r: (methods.index(r["method"]), order.index(r["row"])))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(merged, indent=2) + "\n")
+    return merged
+
+
+def _as_list(commit: str | list[str]) -> list[str]:
+    return [commit] if isinstance(commit, str) else list(commit)
+
+
+def _finish(results: dict, output: Path) -> None:
     print(table(results))
-    _plot(results, Path(args.output).with_suffix(".png"))
-    print(f"written to {args.output}")
+    for method in dict.fromkeys(r["method"] for r in results["runs"]):
+        _plot(results, method, output.with_name(f"{output.stem}_{method}.png"))
+    print(f"written to {output}")
 
 
-def _plot(results: dict, path: Path) -> None:
-    """Per-block normalized errors, calibration vs held-out, one colour per row (first method only)."""
+def _plot(results: dict, method: str, path: Path) -> None:
+    """Per-block errors of one mask method, calibration vs held-out, one colour per row."""
     from optimum_recon.plotting import plot_block_errors
     from optimum_recon.report import BlockRecord, PruningReport
 
-    method = results["runs"][0]["method"]
     reports = {}
     for r in results["runs"]:
         if r["method"] != method:
