@@ -40,12 +40,21 @@ ROWS = {  # name -> (reconstruction, propagation, extra config)
 }
 
 
+def _row_settings(row: str) -> tuple[str, str, dict]:
+    """A row of ROWS, optionally with another learning rate: "BR+GP lr=1e-3"."""
+    name, _, lr = row.partition(" lr=")
+    if name not in ROWS:
+        raise SystemExit(f"unknown row {row!r}: use one of {', '.join(ROWS)} (optionally followed by ' lr=VALUE')")
+    reconstruction, propagation, extra = ROWS[name]
+    return reconstruction, propagation, {**extra, **({"lr": float(lr)} if lr else {})}
+
+
 def run_row(args, method: str, row: str) -> dict:
     import torch
 
     from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
 
-    reconstruction, propagation, extra = ROWS[row]
+    reconstruction, propagation, extra = _row_settings(row)
     config = PruningConfig(method=method, sparsity=0.5, reconstruction=reconstruction, propagation=propagation,
                            epochs=args.epochs, **extra,
                            calibration=CalibrationConfig(source="c4", num_samples=args.num_samples,
@@ -92,7 +101,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
     parser.add_argument("--methods", default="sparsegpt,wanda")
-    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help="comma-separated rows; a row may set another learning rate: 'BR+GP lr=1e-3'")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--heldout", type=int, default=16)
@@ -125,8 +135,11 @@ def main() -> None:
         if previous["settings"] != results["settings"]:
             raise SystemExit(f"--resume: {args.output} was run with other settings: {previous['settings']}")
         results["runs"] = previous["runs"]
-        results["commit"] = sorted({previous["commit"], commit}) if previous["commit"] != commit else commit
+        commits = {*_as_list(previous["commit"]), commit}
+        results["commit"] = sorted(commits) if len(commits) > 1 else commit
     done = {(r["method"], r["row"]) for r in results["runs"]}
+    for row in args.rows.split(","):
+        _row_settings(row)  # an unknown row fails before anything runs
     for method in args.methods.split(","):
         for row in args.rows.split(","):
             if (method, row) in done:
@@ -161,7 +174,8 @@ def _merge(output: Path, others: list[Path]) -> dict:
         merged["commit"] = sorted(commits) if len(commits) > 1 else commits.pop()
     order = list(ROWS)
     methods = list(dict.fromkeys(r["method"] for r in merged["runs"]))
-    merged["runs"].sort(key=lambda r: (methods.index(r["method"]), order.index(r["row"])))
+    merged["runs"].sort(key=lambda r: (methods.index(r["method"]), order.index(r["row"].partition(" lr=")[0]),
+                                       r["row"]))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(merged, indent=2) + "\n")
     return merged
