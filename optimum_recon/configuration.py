@@ -175,7 +175,9 @@ class PruningConfig:
         dampening: SparseGPT: Hessian dampening as a fraction of its mean diagonal.
         block_size: SparseGPT: columns processed together (lazy batch updates).
         epochs: BR/CR: passes over the calibration set per block (0: no training, i.e. LR).
-        lr: BR/CR: AdamW learning rate, decayed linearly to 0.
+        lr: BR/CR: AdamW learning rate, decayed linearly to 0. The paper's 2e-4 suits 7B models; AdamW's steps
+            are about lr whatever the gradient's scale, so small models with larger weights can need more
+            (SmolLM2-135M: 2e-3, see docs/benchmarks.md and `examples/benchmarks/learning_rate.py`).
         batch_size: Calibration windows per training step and per forward pass.
         adam_betas: BR/CR: AdamW betas.
         weight_decay: BR/CR: AdamW weight decay (0 keeps pruned weights trivially fixed).
