@@ -30,14 +30,15 @@ def run(args, lr: float | None) -> dict:
     import torch
 
     from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
+    from optimum_recon.modeling import find_blocks
 
     config = PruningConfig(method="sparsegpt", sparsity=0.5, reconstruction="layer" if lr is None else "block",
                            propagation="global", epochs=0 if lr is None else args.epochs, lr=lr or 2e-4,
                            calibration=CalibrationConfig(source="c4", num_samples=args.num_samples,
                                                          seq_len=args.seq_len, heldout_samples=args.heldout, seed=0))
     pruner = ReconPruner.from_pretrained(args.model, config=config)
-    decoder = pruner.model.model
-    decoder.layers = decoder.layers[: args.blocks]  # the first blocks only: the rest would never be reached
+    _, blocks = find_blocks(pruner.model)
+    del blocks[args.blocks:]  # the first blocks only (any architecture): the rest would never be reached
     pruner.model.config.num_hidden_layers = args.blocks
     start = time.perf_counter()
     report = pruner.prune(progress=False)
