@@ -15,18 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parents[2] / "shared" / "data"
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
+    add_data_dir_argument(parser)
     parser.add_argument("--work-dir", default="/tmp/optimum-recon-compare")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -42,9 +39,7 @@ def main() -> None:
                         "evaluate again, e.g. to time the speed on an idle machine); prune times come from their "
                         "reports")
     args = parser.parse_args()
-    if args.data_dir:
-        os.environ["OPTIMUM_RECON_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.update(offline_env(args.data_dir))
 
     from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
     from optimum_recon.evaluation.compare import compare_models
@@ -81,8 +76,7 @@ def main() -> None:
         eval_max_tokens=args.eval_tokens, latency_kwargs=dict(prompt_tokens=args.prompt_tokens,
                                                               new_tokens=args.new_tokens, repeats=args.repeats),
         output_dir=args.output, progress=False)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "commit": commit,
+    meta = {**run_metadata(),
             "settings": {k: v for k, v in vars(args).items() if k not in ("output", "data_dir")},
             "prune_seconds": timings}
     (Path(args.output) / "run.json").write_text(json.dumps(meta, indent=2) + "\n")

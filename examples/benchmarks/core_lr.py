@@ -15,23 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parents[2] / "shared" / "data"
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata
 
 
 def _env(args) -> dict:
-    env = dict(os.environ)
-    if args.data_dir:
-        env["OPTIMUM_RECON_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    env.setdefault("HF_HUB_OFFLINE", "1")  # use local data (or the bundled copies), never wait on the network
-    return env
+    return offline_env(args.data_dir)
 
 
 def _forward_seconds(pruner, ids) -> float:
@@ -114,7 +108,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
+    add_data_dir_argument(parser)
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=65536)
@@ -134,9 +128,9 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
-               "commit": commit,
+    meta = run_metadata()
+    results = {"machine": f"{meta['machine']}, {platform.python_version()}",
+               "commit": meta["commit"],
                "settings": {k: v for k, v in vars(args).items() if k not in ("child", "output")}, "runs": []}
     results["dense"] = _child(args, "dense")
     print(f"dense: {results['dense']}", flush=True)

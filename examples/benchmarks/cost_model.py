@@ -26,7 +26,7 @@ import argparse
 import json
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from _common import HERE
 
 MODELS = {  # Llama-2 shapes: hidden, intermediate, heads, kv heads, blocks
     "7B": dict(hidden=4096, inter=11008, heads=32, kv_heads=32, blocks=32),

@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parents[2] / "shared" / "data"
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata
+
 SETTINGS = {"LR+GP": "layer", "BR+GP": "block"}
 
 
@@ -111,7 +110,7 @@ def block_flops(model_dir: str, tokens: int, setting: str, epochs: int) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
+    add_data_dir_argument(parser)
     parser.add_argument("--work-dir", default="/tmp/optimum-recon-distributed")
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -135,9 +134,8 @@ def main() -> None:
 
     import torch
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if args.data_dir:
-        env["OPTIMUM_RECON_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    env = offline_env(args.data_dir, dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                                          TOKENIZERS_PARALLELISM="false"))
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     if args.tiny:
@@ -183,8 +181,7 @@ def main() -> None:
             flops = block_flops(model, row["tokens"], SETTINGS[row["setting"]], args.epochs)
             row["model_flops_per_block"] = flops
             row["predicted_seconds_per_block"] = flops / (gflops * 1e9)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "commit": commit,
+    result = {**run_metadata(),
               "settings": {k: getattr(args, k) for k in ("num_samples", "seq_len", "epochs", "batch_size", "tiny")},
               "matmul_gflops_2_threads": gflops, "gloo_allreduce": allreduce, "runs": rows}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

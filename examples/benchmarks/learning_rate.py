@@ -16,13 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parents[2] / "shared" / "data"
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata
 
 
 def run(args, lr: float | None) -> dict:
@@ -68,7 +65,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
+    add_data_dir_argument(parser)
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--lrs", default="2e-4,1e-3,2e-3,5e-3")
     parser.add_argument("--num-samples", type=int, default=64)
@@ -77,11 +74,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--output", default=str(HERE / "results" / "learning_rate.json"))
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.data_dir:
-        os.environ["OPTIMUM_RECON_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "commit": commit,
+    os.environ.update(offline_env(args.data_dir))
+    results = {**run_metadata(),
                "settings": {k: v for k, v in vars(args).items() if k != "output"}, "runs": []}
     for lr in [None, *(float(v) for v in args.lrs.split(","))]:
         results["runs"].append(run(args, lr))

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -31,8 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parents[2] / "shared" / "data"
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata
+
 MODES = ("memory", "cpu", "disk")
 ROWS = {"LR+GP": "layer", "BR+GP": "block"}
 BIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=21, num_attention_heads=16,
@@ -281,7 +279,7 @@ def tables(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["bundled", "big", "all"], default="all")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
+    add_data_dir_argument(parser)
     parser.add_argument("--work-dir", default="/tmp/optimum-recon-offload")
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -306,13 +304,10 @@ def main() -> None:
         else:
             print(json.dumps(run_big(args)))
         return
-    env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
-    if args.data_dir:
-        env["OPTIMUM_RECON_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    env = offline_env(args.data_dir)
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.is_file() else {}
-    results.update({"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "commit": commit,
+    results.update({**run_metadata(),
                     "settings": {k: v for k, v in vars(args).items() if k not in ("child", "output", "part")}})
 
     def child(*what: str) -> dict:

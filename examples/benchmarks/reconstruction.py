@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DATA = HERE.parents[2] / "shared" / "data"
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata
+
 ROWS = {  # name -> (reconstruction, propagation, extra config)
     "LR": ("layer", "global", {}),
     "BR": ("block", "local", {}),
@@ -99,7 +97,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
+    add_data_dir_argument(parser)
     parser.add_argument("--methods", default="sparsegpt,wanda")
     parser.add_argument("--rows", default=",".join(ROWS),
                         help="comma-separated rows; a row may set another learning rate: 'BR+GP lr=1e-3'")
@@ -123,11 +121,10 @@ def main() -> None:
     if args.merge:
         _finish(_merge(Path(args.output), [Path(f) for f in args.merge]), Path(args.output))
         return
-    env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
-    if args.data_dir:
-        env["OPTIMUM_RECON_DATA_DIR"] = str(Path(args.data_dir).resolve())
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "commit": commit,
+    env = offline_env(args.data_dir)
+    meta = run_metadata()
+    commit = meta["commit"]
+    results = {**meta,
                "settings": {k: v for k, v in vars(args).items() if k not in ("child", "output", "resume", "methods",
                                                                               "rows")}, "runs": []}
     if args.resume and Path(args.output).is_file():

@@ -19,14 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).resolve().parent
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata
 
 
 def throughput(args) -> dict:
@@ -130,17 +127,12 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--output", default=str(HERE / "results" / "self_generation.json"))
-    shared = HERE.parents[2] / "shared" / "data"
-    parser.add_argument("--data-dir", default=str(shared) if shared.is_dir() else None)
+    add_data_dir_argument(parser)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.data_dir:
-        os.environ["OPTIMUM_RECON_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    os.environ.update(offline_env(args.data_dir))
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.is_file() else {}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    results.update({"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "settings": vars(args),
-                    "commit": commit})
+    results.update({**run_metadata(), "settings": vars(args)})
     if not args.skip_throughput:
         results["throughput"] = throughput(args)
         t = results["throughput"]
