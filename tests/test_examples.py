@@ -74,3 +74,23 @@ def test_reconstruction_benchmark_merges_rows_run_side_by_side(tmp_path):
     result = subprocess.run([sys.executable, str(script), "--output", str(main), "--merge", str(other)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "other settings" in result.stderr
+
+
+def test_learning_rate_benchmark_tiny(tmp_path):
+    """The learning-rate sweep end to end on a tiny model: LR plus one row per learning rate, each over the
+    truncated model's blocks with a loss curve per epoch."""
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "learning_rate.py"
+    output = tmp_path / "lr.json"
+    result = subprocess.run([sys.executable, str(script), "--tiny", "--lrs", "1e-3,1e-2", "--output", str(output)],
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OPTIMUM_RECON_CACHE=str(tmp_path / "cache")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads(output.read_text())["runs"]
+    assert [r["lr"] for r in runs] == [None, 1e-3, 1e-2]
+    assert all(len(r["per_block"]) == 2 for r in runs)  # the model was cut to --blocks 2 of its 3
+    assert runs[0]["loss_per_epoch"] == [[], []]  # LR trains nothing
+    assert all(len(curve) == 2 for r in runs[1:] for (curve,) in r["loss_per_epoch"])  # 2 epochs per block
+    assert runs[1]["final_error"] != runs[2]["final_error"]  # the learning rate reached the optimizer
+    assert "| BR+GP lr 0.01 |" in result.stdout

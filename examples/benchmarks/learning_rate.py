@@ -32,7 +32,7 @@ def run(args, lr: float | None) -> dict:
 
     config = PruningConfig(method=args.method, sparsity=0.5, reconstruction="layer" if lr is None else "block",
                            propagation="global", epochs=0 if lr is None else args.epochs, lr=lr or 2e-4,
-                           calibration=CalibrationConfig(source="c4", num_samples=args.num_samples,
+                           calibration=CalibrationConfig(source=args.source, num_samples=args.num_samples,
                                                          seq_len=args.seq_len, heldout_samples=args.heldout, seed=0))
     pruner = ReconPruner.from_pretrained(args.model, config=config)
     _, blocks = find_blocks(pruner.model)
@@ -74,8 +74,18 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--heldout", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--source", default="c4", help="calibration data (a known name, Hub id or local file)")
     parser.add_argument("--output", default=str(HERE / "results" / "learning_rate.json"))
+    parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny random model (seconds)")
     args = parser.parse_args()
+    if args.tiny:
+        import tempfile
+
+        from optimum_recon.testing import save_tiny_model, save_tiny_text
+
+        work = Path(tempfile.mkdtemp(prefix="optimum-recon-lr-"))
+        args.model, args.source = str(save_tiny_model(work / "model")), str(save_tiny_text(work / "text.txt"))
+        args.blocks, args.num_samples, args.seq_len, args.heldout, args.epochs = 2, 16, 32, 4, 2
     os.environ.update(offline_env(args.data_dir))
     results = {**run_metadata(),
                "settings": {k: v for k, v in vars(args).items() if k != "output"}, "runs": []}
