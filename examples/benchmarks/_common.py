@@ -7,6 +7,7 @@ their import path); not part of the package.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -36,3 +37,11 @@ def run_metadata() -> dict[str, str]:
     """The machine and the commit a result was measured on."""
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
     return {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "commit": commit}
+
+
+def write_results(path: str | os.PathLike, results: dict) -> None:
+    """Write a benchmark's results as indented JSON, creating the folder (called after every row, so that
+    partial results survive an interrupted run)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import HERE, add_data_dir_argument, offline_env, run_metadata
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata, write_results
 
 
 def _env(args) -> dict:
@@ -139,8 +139,7 @@ def main() -> None:
             first = "0" if results["runs"] else "1"  # the forward pass is timed once, in the first run
             results["runs"].append(_child(args, method, pattern, first))
             print(f"{method} {pattern}: {results['runs'][-1]}", flush=True)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    write_results(Path(args.output), results)
     print(table(results))
     print(f"written to {args.output}")
 

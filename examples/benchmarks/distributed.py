@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import HERE, add_data_dir_argument, offline_env, run_metadata
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata, write_results
 
 SETTINGS = {"LR+GP": "layer", "BR+GP": "block"}
 
@@ -184,8 +184,7 @@ def main() -> None:
     result = {**run_metadata(),
               "settings": {k: getattr(args, k) for k in ("num_samples", "seq_len", "epochs", "batch_size", "tiny")},
               "matmul_gflops_2_threads": gflops, "gloo_allreduce": allreduce, "runs": rows}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(Path(args.output), result)
     print("| setting | processes x threads | statistics | prune s | s/block | speedup vs 1 x 2 "
           "| peak RSS per rank (MiB) | final-block error | mask entries ≠ 1 x 1 | max abs Δw vs 1 x 1 "
           "| predicted s/block |")

@@ -15,12 +15,11 @@ calibration and held-out windows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
-from _common import HERE, add_data_dir_argument, offline_env, run_metadata
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata, write_results
 
 
 def run(args, lr: float | None) -> dict:
@@ -93,8 +92,7 @@ def main() -> None:
         results["runs"].append(run(args, lr))
         print(f"{'LR' if lr is None else f'lr {lr:g}'}: last-block error {results['runs'][-1]['final_error']:.4g}",
               flush=True)
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        write_results(Path(args.output), results)
     print(table(results))
     print(f"written to {args.output}")
 

@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import HERE, add_data_dir_argument, offline_env, run_metadata
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata, write_results
 
 MODES = ("memory", "cpu", "disk")
 ROWS = {"LR+GP": "layer", "BR+GP": "block"}
@@ -319,8 +319,7 @@ def main() -> None:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     def write() -> None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2) + "\n")
+        write_results(output, results)
 
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     if args.part in ("bundled", "all"):

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import HERE, add_data_dir_argument, offline_env, run_metadata
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata, write_results
 
 ROWS = {  # name -> (reconstruction, propagation, extra config)
     "LR": ("layer", "global", {}),
@@ -149,8 +149,7 @@ def main() -> None:
                 raise SystemExit(f"{method} {row} failed")
             results["runs"].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"{method} {row}: done in {time.perf_counter() - start:.0f} s", flush=True)
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(json.dumps(results, indent=2) + "\n")  # partial results survive
+            write_results(Path(args.output), results)  # partial results survive
     _finish(results, Path(args.output))
 
 
@@ -173,8 +172,7 @@ def _merge(output: Path, others: list[Path]) -> dict:
     methods = list(dict.fromkeys(r["method"] for r in merged["runs"]))
     merged["runs"].sort(key=lambda r: (methods.index(r["method"]), order.index(r["row"].partition(" lr=")[0]),
                                        r["row"]))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(merged, indent=2) + "\n")
+    write_results(output, merged)
     return merged
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import HERE, add_data_dir_argument, offline_env, run_metadata
+from _common import HERE, add_data_dir_argument, offline_env, run_metadata, write_results
 
 
 def throughput(args) -> dict:
@@ -149,8 +149,7 @@ def main() -> None:
                   f"{r['heldout_error']:.4g} ({r['heldout_error_normalized']:.4f}) | {r['gap']:+.1%} | "
                   f"{r['seconds']:.0f} |")
         plot_quality(results["quality"], output.with_name("self_generation.png"))
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    write_results(Path(args.output), results)
     print(f"written to {args.output}")
 
 
