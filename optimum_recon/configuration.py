@@ -177,7 +177,8 @@ class PruningConfig:
         epochs: BR/CR: passes over the calibration set per block (0: no training, i.e. LR).
         lr: BR/CR: AdamW learning rate, decayed linearly to 0. The paper's 2e-4 suits 7B models; AdamW's steps
             are about lr whatever the gradient's scale, so small models with larger weights can need more
-            (SmolLM2-135M: 2e-3, see docs/benchmarks.md and `examples/benchmarks/learning_rate.py`).
+            (sweep it on a few blocks with `examples/benchmarks/learning_rate.py`, judged by the held-out
+            error; docs/benchmarks.md).
         batch_size: Calibration windows per training step and per forward pass.
         adam_betas: BR/CR: AdamW betas.
         weight_decay: BR/CR: AdamW weight decay (0 keeps pruned weights trivially fixed).
