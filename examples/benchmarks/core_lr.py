@@ -24,10 +24,6 @@ from pathlib import Path
 from _common import HERE, add_data_dir_argument, offline_env, run_metadata, write_results
 
 
-def _env(args) -> dict:
-    return offline_env(args.data_dir)
-
-
 def _forward_seconds(pruner, ids) -> float:
     """One full-model forward pass over the calibration windows, in the same batches as the engine."""
     import torch
@@ -78,7 +74,7 @@ def run_one(args, method: str, pattern: str, measure_forward: bool) -> dict:
 
 def _child(args, *extra: str) -> dict:
     cmd = [sys.executable, __file__, *sys.argv[1:], "--child", *extra]
-    out = subprocess.run(cmd, env=_env(args), capture_output=True, text=True)
+    out = subprocess.run(cmd, env=offline_env(args.data_dir), capture_output=True, text=True)
     if out.returncode != 0:
         sys.stderr.write(out.stderr[-4000:])
         raise SystemExit(f"benchmark child {extra} failed")

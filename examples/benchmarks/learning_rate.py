@@ -29,8 +29,9 @@ def run(args, lr: float | None) -> dict:
     from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
     from optimum_recon.modeling import find_blocks
 
+    training = {"epochs": 0} if lr is None else {"epochs": args.epochs, "lr": lr}
     config = PruningConfig(method=args.method, sparsity=0.5, reconstruction="layer" if lr is None else "block",
-                           propagation="global", epochs=0 if lr is None else args.epochs, lr=lr or 2e-4,
+                           propagation="global", **training,
                            calibration=CalibrationConfig(source=args.source, num_samples=args.num_samples,
                                                          seq_len=args.seq_len, heldout_samples=args.heldout, seed=0))
     pruner = ReconPruner.from_pretrained(args.model, config=config)

@@ -40,11 +40,17 @@ ROWS = {  # name -> (reconstruction, propagation, extra config)
 
 def _row_settings(row: str) -> tuple[str, str, dict]:
     """A row of ROWS, optionally with another learning rate: "BR+GP lr=1e-3"."""
-    name, _, lr = row.partition(" lr=")
+    name, lr = _split_row(row)
     if name not in ROWS:
         raise SystemExit(f"unknown row {row!r}: use one of {', '.join(ROWS)} (optionally followed by ' lr=VALUE')")
     reconstruction, propagation, extra = ROWS[name]
     return reconstruction, propagation, {**extra, **({"lr": float(lr)} if lr else {})}
+
+
+def _split_row(row: str) -> tuple[str, str]:
+    """"BR+GP lr=1e-3" -> ("BR+GP", "1e-3"); a plain row -> (row, "")."""
+    name, _, lr = row.partition(" lr=")
+    return name, lr
 
 
 def run_row(args, method: str, row: str) -> dict:
@@ -122,18 +128,11 @@ def main() -> None:
         _finish(_merge(Path(args.output), [Path(f) for f in args.merge]), Path(args.output))
         return
     env = offline_env(args.data_dir)
-    meta = run_metadata()
-    commit = meta["commit"]
-    results = {**meta,
+    results = {**run_metadata(),
                "settings": {k: v for k, v in vars(args).items() if k not in ("child", "output", "resume", "methods",
                                                                               "rows")}, "runs": []}
     if args.resume and Path(args.output).is_file():
-        previous = json.loads(Path(args.output).read_text())
-        if previous["settings"] != results["settings"]:
-            raise SystemExit(f"--resume: {args.output} was run with other settings: {previous['settings']}")
-        results["runs"] = previous["runs"]
-        commits = {*_as_list(previous["commit"]), commit}
-        results["commit"] = sorted(commits) if len(commits) > 1 else commit
+        _combine(results, json.loads(Path(args.output).read_text()), f"--resume: {args.output}")
     done = {(r["method"], r["row"]) for r in results["runs"]}
     for row in args.rows.split(","):
         _row_settings(row)  # an unknown row fails before anything runs
@@ -161,19 +160,24 @@ def _merge(output: Path, others: list[Path]) -> dict:
         results = json.loads(path.read_text())
         if merged is None:
             merged = results
-            continue
-        if results["settings"] != merged["settings"]:
-            raise SystemExit(f"--merge: {path} was run with other settings: {results['settings']}")
-        done = {(r["method"], r["row"]) for r in merged["runs"]}
-        merged["runs"] += [r for r in results["runs"] if (r["method"], r["row"]) not in done]
-        commits = {*_as_list(merged["commit"]), *_as_list(results["commit"])}
-        merged["commit"] = sorted(commits) if len(commits) > 1 else commits.pop()
+        else:
+            _combine(merged, results, f"--merge: {path}")
     order = list(ROWS)
     methods = list(dict.fromkeys(r["method"] for r in merged["runs"]))
-    merged["runs"].sort(key=lambda r: (methods.index(r["method"]), order.index(r["row"].partition(" lr=")[0]),
-                                       r["row"]))
+    merged["runs"].sort(key=lambda r: (methods.index(r["method"]), order.index(_split_row(r["row"])[0]), r["row"]))
     write_results(output, merged)
     return merged
+
+
+def _combine(into: dict, other: dict, source: str) -> None:
+    """Add to ``into`` the rows of ``other`` that it lacks (a row is a method and a setting) and its commits;
+    both must have been run with the same settings."""
+    if other["settings"] != into["settings"]:
+        raise SystemExit(f"{source} was run with other settings: {other['settings']}")
+    done = {(r["method"], r["row"]) for r in into["runs"]}
+    into["runs"] += [r for r in other["runs"] if (r["method"], r["row"]) not in done]
+    commits = {*_as_list(into["commit"]), *_as_list(other["commit"])}
+    into["commit"] = sorted(commits) if len(commits) > 1 else commits.pop()
 
 
 def _as_list(commit: str | list[str]) -> list[str]:
