@@ -94,3 +94,25 @@ def test_learning_rate_benchmark_tiny(tmp_path):
     assert all(len(curve) == 2 for r in runs[1:] for (curve,) in r["loss_per_epoch"])  # 2 epochs per block
     assert runs[1]["final_error"] != runs[2]["final_error"]  # the learning rate reached the optimizer
     assert "| BR+GP lr 0.01 |" in result.stdout
+
+
+def test_reconstruction_benchmark_resumes_a_finished_row(tmp_path):
+    """--resume accepts a results file written with the same measurement settings and runs nothing for rows it
+    holds: options that only say how to run (--merge, --rows, ...) must not count as settings."""
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "reconstruction.py"
+    settings = {"model": None, "data_dir": str(tmp_path), "num_samples": 64, "seq_len": 512, "heldout": 16,
+                "epochs": 10, "eval_tokens": 65536, "eval_seq_len": 1024}
+    blocks = [{"index": 0, "error": 1.0, "error_normalized": 0.1, "error_before": 1.0, "heldout_error": 1.5}]
+    row = {"method": "sparsegpt", "row": "LR", "wikitext2": 30.0, "seconds": 10.0, "peak_rss_mib": 100.0,
+           "final_error": 1.0, "final_error_normalized": 0.1, "heldout_error": 1.5, "heldout_error_normalized": 0.15,
+           "optimizer_state_mib": 0.0, "per_block": blocks}
+    output = tmp_path / "results.json"
+    output.write_text(json.dumps({"commit": "a", "settings": settings, "runs": [row]}))
+    result = subprocess.run([sys.executable, str(script), "--resume", "--output", str(output), "--data-dir",
+                             str(tmp_path), "--methods", "sparsegpt", "--rows", "LR"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done in" not in result.stdout  # nothing was run again
+    assert json.loads(output.read_text())["runs"] == [row]

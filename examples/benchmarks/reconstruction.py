@@ -128,9 +128,9 @@ def main() -> None:
         _finish(_merge(Path(args.output), [Path(f) for f in args.merge]), Path(args.output))
         return
     env = offline_env(args.data_dir)
-    results = {**run_metadata(),
-               "settings": {k: v for k, v in vars(args).items() if k not in ("child", "output", "resume", "methods",
-                                                                              "rows")}, "runs": []}
+    how_to_run = ("child", "output", "resume", "methods", "rows", "merge")  # not what was measured
+    results = {**run_metadata(), "settings": {k: v for k, v in vars(args).items() if k not in how_to_run},
+               "runs": []}
     if args.resume and Path(args.output).is_file():
         _combine(results, json.loads(Path(args.output).read_text()), f"--resume: {args.output}")
     done = {(r["method"], r["row"]) for r in results["runs"]}
