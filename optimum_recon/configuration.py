@@ -175,8 +175,8 @@ class PruningConfig:
         dampening: SparseGPT: Hessian dampening as a fraction of its mean diagonal.
         block_size: SparseGPT: columns processed together (lazy batch updates).
         epochs: BR/CR: passes over the calibration set per block (0: no training, i.e. LR).
-        lr: BR/CR: AdamW learning rate, decayed linearly to 0. The paper's 2e-4 suits 7B models; AdamW's steps
-            are about lr whatever the gradient's scale, so small models with larger weights can need more
+        lr: BR/CR: AdamW learning rate, decayed linearly to 0. The paper's 2e-4 (LLaMA-7B, OPT-125M); AdamW's steps
+            are about lr whatever the gradient's scale, so models with larger weights can need more
             (sweep it on a few blocks with `examples/benchmarks/learning_rate.py`, judged by the held-out
             error; docs/benchmarks.md).
         batch_size: Calibration windows per training step and per forward pass.
