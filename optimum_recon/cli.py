@@ -164,7 +164,7 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
                        help="Keep activations between blocks in CPU memory or in files (--activation-folder).")
     prune.add_argument("--activation-folder", default=None, help="Scratch folder for --activation-offload disk.")
     prune.add_argument("--checkpoint-dir", default=None, help="Save progress after every block; run the same command "
-                       "again after an interruption to continue from the last finished block (LR and BR).")
+                       "again after an interruption to continue from the last finished block (CR included).")
     prune.add_argument("--blocks-path", default=None, help="Attribute path of the decoder blocks, e.g. model.layers.")
     _add_eval_flags(prune, "--eval", None, "Comma-separated datasets to evaluate before and after pruning "
                     "(wikitext2, c4, ptb, a local file or a Hub id).")

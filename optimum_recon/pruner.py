@@ -221,7 +221,7 @@ class ReconPruner:
             device: Where each block runs (default: the GPU when there is one).
             progress: Show progress bars (on rank 0 only in a distributed run).
             checkpoint_dir: Save progress after every block; a later call with the same folder (after a crash or
-                Ctrl-C) continues from the last finished block and gives the same model (LR and BR).
+                Ctrl-C) continues from the last finished block and gives the same model (CR included).
             activation_offload: ``"disk"`` keeps the activations between blocks in files (under
                 ``activation_folder``) instead of CPU memory, for calibration sets larger than RAM.
         """

@@ -117,40 +117,92 @@ def test_max_memory_too_small_for_one_block_names_the_minimum(checkpoint):
         ReconPruner.from_pretrained(str(checkpoint), max_memory={0: "10KB", "cpu": "1GB"}, dtype="float32")
 
 
-@pytest.mark.parametrize("reconstruction", ["layer", "block"])
-def test_interrupted_then_resumed_run_equals_the_straight_run(tmp_path, monkeypatch, reconstruction):
+def _interrupt_at_finalize(monkeypatch, block):
     from optimum_recon.engine import sequential
 
-    config = PruningConfig(method="sparsegpt", reconstruction=reconstruction, epochs=2, batch_size=4, lora_rank=0)
+    real = sequential._Run.finalize
+
+    def interrupt(self, s, device):
+        if s == block:
+            raise KeyboardInterrupt  # Ctrl-C while the block finishes
+        return real(self, s, device)
+
+    monkeypatch.setattr(sequential._Run, "finalize", interrupt)
+    return real
+
+
+@pytest.mark.parametrize("reconstruction, propagation, window", [
+    ("layer", "global", 1), ("block", "local", 1), ("cross_block", "global", 2), ("cross_block", "local", 2),
+    ("cross_block", "global", 3),
+])
+def test_interrupted_then_resumed_run_equals_the_straight_run(tmp_path, monkeypatch, reconstruction, propagation,
+                                                              window):
+    from optimum_recon.engine import sequential
+
+    config = PruningConfig(method="sparsegpt", reconstruction=reconstruction, propagation=propagation, window=window,
+                           epochs=2, batch_size=4, lora_rank=0)
     heldout = _ids().flip(0)[:4]
     straight = make_tiny_model("qwen2")
     expected = prune_model(straight, config, _ids(), heldout_ids=heldout, progress=False)
 
-    real = sequential._Run.finalize
-    calls = []
-
-    def interrupt(self, s, device):
-        calls.append(s)
-        if s == 2:
-            raise KeyboardInterrupt  # Ctrl-C while block 2 finishes
-        return real(self, s, device)
-
-    monkeypatch.setattr(sequential._Run, "finalize", interrupt)
+    real = _interrupt_at_finalize(monkeypatch, 2)
     resumed = make_tiny_model("qwen2")
     with pytest.raises(KeyboardInterrupt):
         prune_model(resumed, config, _ids(), heldout_ids=heldout, progress=False, checkpoint_dir=tmp_path / "ck")
-    finished = []
+    if window > 1:  # blocks 2..window-1+1 were partly trained when the run stopped: the checkpoint holds them
+        assert (tmp_path / "ck" / "window-2.pt").is_file()
+    finished, trained = [], []
     monkeypatch.setattr(sequential._Run, "finalize", lambda self, s, d: finished.append(s) or real(self, s, d))
+    real_train = sequential._Run.reconstruct
+    monkeypatch.setattr(sequential._Run, "reconstruct",
+                        lambda self, s, e, i, d: trained.append((s, e)) or real_train(self, s, e, i, d))
     fresh = make_tiny_model("qwen2")  # a new process would start from the dense checkpoint again
     report = prune_model(fresh, config, _ids(), heldout_ids=heldout, progress=False, checkpoint_dir=tmp_path / "ck")
     assert finished == [2, 3]  # blocks 0 and 1 were restored, not redone
+    # the steps left, each trained once: window 2..min(2 + w - 1, 3), then the last block alone
+    assert trained == ([] if reconstruction == "layer" else [(2, min(2 + window - 1, 3)), (3, 3)])
     for a, b in zip(fresh.parameters(), straight.parameters()):
         assert torch.equal(a, b)
-    assert [r.error for r in report.blocks] == [r.error for r in expected.blocks]
-    assert [r.heldout_error for r in report.blocks] == [r.heldout_error for r in expected.blocks]
+    for got, want in zip(report.blocks, expected.blocks):
+        assert (got.error, got.heldout_error, got.error_before, got.heldout_error_before) == (
+            want.error, want.heldout_error, want.error_before, want.heldout_error_before)
+        assert got.reconstruction == want.reconstruction and got.layers == want.layers
+    # what is left is the last checkpoint's files only: no step's activations pile up
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted(
+        [f"block-{j}.safetensors" for j in range(4)] + ["activations-4.pt", "state.json"])
     with pytest.raises(ValueError, match="another recipe"):
         prune_model(make_tiny_model("qwen2"), PruningConfig(method="wanda"), _ids(), progress=False,
                     checkpoint_dir=tmp_path / "ck")
+
+
+@pytest.mark.parametrize("reconstruction", ["block", "cross_block"])
+def test_an_interruption_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, reconstruction):
+    """Killed after a step's new files are written but before state.json points at them: the rerun continues
+    from the previous step, with that step's activations, and still equals the straight run."""
+    from optimum_recon.engine import checkpoint
+
+    config = PruningConfig(method="wanda", reconstruction=reconstruction, epochs=1, batch_size=4)
+    straight = make_tiny_model("llama")
+    prune_model(straight, config, _ids(), progress=False)
+
+    real_atomic = checkpoint._atomic
+    states = []
+
+    def crash_on_third_state(path, write):
+        if path.name == checkpoint.STATE:
+            states.append(path)
+            if len(states) == 3:
+                raise KeyboardInterrupt
+        real_atomic(path, write)
+
+    monkeypatch.setattr(checkpoint, "_atomic", crash_on_third_state)
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(make_tiny_model("llama"), config, _ids(), progress=False, checkpoint_dir=tmp_path / "ck")
+    monkeypatch.setattr(checkpoint, "_atomic", real_atomic)
+    fresh = make_tiny_model("llama")
+    prune_model(fresh, config, _ids(), progress=False, checkpoint_dir=tmp_path / "ck")
+    for a, b in zip(fresh.parameters(), straight.parameters()):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("reconstruction, propagation", [("layer", "global"), ("block", "local"),

@@ -1,13 +1,17 @@
 """Resumable prunes: after every finished block, what is needed to continue from the next one is saved.
 
-A checkpoint folder holds the finished blocks' weights (`block-<i>.safetensors`), the activations entering
-the next block on the pruned and the dense path (calibration and held-out), the report so far, and a
-`state.json` with a fingerprint of the recipe, the calibration tokens and the model. A run started with the
-same folder and the same inputs skips the finished blocks and produces the same model as an uninterrupted
-run; a folder written for other inputs is refused rather than mixed in. Files are replaced atomically, so
-an interruption at any moment leaves the previous checkpoint usable.
+A checkpoint folder holds the finished blocks' weights (`block-<i>.safetensors`), the activations the next
+step needs on the pruned and the dense path (calibration and held-out), the report so far, and a
+`state.json` with a fingerprint of the recipe, the calibration tokens and the model. With CR (windows of
+several blocks) it also holds the window in flight: the partly trained blocks after the finished one, their
+masks, their masked-but-untrained weights (for the "before" errors), their records so far and, with local
+propagation, their dense copies. A run started with the same folder and the same inputs skips the finished
+blocks and produces the same model as an uninterrupted run; a folder written for other inputs is refused
+rather than mixed in.
 
-Supported for windows of one block (LR and BR); CR keeps a partly trained block across steps and restarts.
+Every save writes new files named by the step and only then replaces `state.json` (atomically), which names
+them; the previous step's files are deleted after that. An interruption at any moment therefore leaves a
+`state.json` whose files are all present and belong to it.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ def _atomic(path: Path, write) -> None:
             os.remove(tmp)
 
 
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
 class Checkpointer:
     """Reads and writes one prune's checkpoint folder."""
 
@@ -72,19 +80,43 @@ class Checkpointer:
                 f"checkpoint_dir={str(self.folder)!r} holds a run with another recipe, model or calibration data; "
                 "use a new folder (or delete this one) to start over."
             )
+        if "activations" not in state:
+            raise ValueError(f"checkpoint_dir={str(self.folder)!r} was written by an older optimum-recon; delete it "
+                             "to start over.")
         return state
 
-    def save(self, next_block: int, block: torch.nn.Module, index: int, activations: dict[str, list[torch.Tensor]],
-             report: dict[str, Any]) -> None:
-        """Save block ``index``'s weights and the activations entering ``next_block``, then the state."""
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
-        _atomic(self.folder / f"block-{index}.safetensors", lambda tmp: save_file(weights, tmp))
-        _atomic(self.folder / "activations.pt", lambda tmp: torch.save(activations, tmp))
-        state = {"key": self.key, "next_block": next_block, "report": report}
+    def save(self, next_block: int, block: torch.nn.Module, index: int,
+             activations: dict[str, dict[int, list[torch.Tensor]]], report: dict[str, Any],
+             window: dict[str, Any] | None = None, window_tensors: dict[str, Any] | None = None) -> None:
+        """Save block ``index``'s final weights, the activations by kind and depth (``{"calibration/sparse":
+        {depth: [batch, ...]}}``), the report, and (CR) the window in flight: JSON-able ``window`` and
+        ``window_tensors`` (nested dicts of tensors). Then point the state at them."""
+        previous = self._state_files()
+        _atomic(self.folder / f"block-{index}.safetensors", lambda tmp: save_file(_cpu(block.state_dict()), tmp))
+        files = {"activations": f"activations-{next_block}.pt"}
+        _atomic(self.folder / files["activations"], lambda tmp: torch.save(activations, tmp))
+        if window_tensors is not None:
+            files["window_tensors"] = f"window-{next_block}.pt"
+            _atomic(self.folder / files["window_tensors"], lambda tmp: torch.save(window_tensors, tmp))
+        state = {"key": self.key, "next_block": next_block, "report": report, "window": window, **files}
         _atomic(self.folder / STATE, lambda tmp: Path(tmp).write_text(json.dumps(state)))
+        for name in previous - set(files.values()):
+            (self.folder / name).unlink(missing_ok=True)
+
+    def _state_files(self) -> set[str]:
+        path = self.folder / STATE
+        if not path.is_file():
+            return set()
+        state = json.loads(path.read_text())
+        return {state[k] for k in ("activations", "window_tensors") if state.get(k)}
 
     def block_weights(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.folder / f"block-{index}.safetensors"))
 
-    def activations(self) -> dict[str, list[torch.Tensor]]:
-        return torch.load(self.folder / "activations.pt", weights_only=True)
+    def activations(self, state: dict[str, Any]) -> dict[str, dict[int, list[torch.Tensor]]]:
+        return torch.load(self.folder / state["activations"], weights_only=True)
+
+    def window_tensors(self, state: dict[str, Any]) -> dict[str, Any]:
+        if not state.get("window_tensors"):
+            return {}
+        return torch.load(self.folder / state["window_tensors"], weights_only=True)

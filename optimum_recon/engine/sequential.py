@@ -28,6 +28,7 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -40,7 +41,7 @@ from ..masks import get_mask_method
 from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers
 from ..modeling.offload import execution_device, onload, release_host_memory
 from ..reconstruction import WindowTask, get_reconstruction
-from ..report import BlockRecord, PruningReport, peak_cuda_mib, peak_rss_mib
+from ..report import BlockRecord, LayerRecord, PruningReport, peak_cuda_mib, peak_rss_mib
 from .activations import ActivationStore
 from .capture import BlockInputs, capture_block_inputs
 from .checkpoint import Checkpointer, fingerprint
@@ -260,7 +261,7 @@ def prune_model(
         blocks_path: Attribute path of the decoder-block ``ModuleList`` when it cannot be discovered.
         progress: Show a progress bar.
         checkpoint_dir: Save progress here after every block, and resume from it when it holds an interrupted
-            run with the same recipe, model and calibration data (LR and BR).
+            run with the same recipe, model and calibration data (CR too: the partly trained window is saved).
         activation_offload: Keep the activations between blocks in CPU memory (``"cpu"``) or in files
             (``"disk"``, under ``activation_folder`` or the optimum-recon cache; deleted at the end).
 
@@ -344,12 +345,9 @@ def _check_ranks(config: PruningConfig, model, input_ids, heldout_ids, statistic
 
 
 def _resume(run: _Run, report: PruningReport, folder, input_ids, heldout_ids) -> tuple[Checkpointer | None, int]:
-    """Open the checkpoint folder; when it holds an interrupted run, restore its finished blocks and activations."""
+    """Open the checkpoint folder; when it holds an interrupted run, restore its finished blocks, the activations
+    and (CR) the window in flight. Returns the checkpointer and the number of finished blocks."""
     if folder is None:
-        return None, 0
-    if run.window > 1:
-        warnings.warn("checkpoint_dir is supported for LR and BR (windows of one block); this CR run will not be "
-                      "checkpointed.", stacklevel=3)
         return None, 0
     if dist.is_distributed():  # each rank keeps its own activations (the weights are the same everywhere)
         folder = os.path.join(folder, f"rank{dist.rank()}-of-{dist.world_size()}")
@@ -369,35 +367,79 @@ def _resume(run: _Run, report: PruningReport, folder, input_ids, heldout_ids) ->
         block = run.blocks[j]
         with onload(block, execution_device(block, run.requested_device)):
             block.load_state_dict(checkpointer.block_weights(j))
-    saved = checkpointer.activations()
+    saved = checkpointer.activations(state)
     for name, split in (("calibration", run.calib), ("heldout", run.heldout)):
         if split is not None:
-            for depth in list(split.sparse):
+            for depth in {*split.sparse, *split.dense, *split.local}:
                 split.drop(depth)
-            split.sparse = {start: run.store.adopt(saved[f"{name}_sparse"])}
-            split.dense = {start: run.store.adopt(saved[f"{name}_dense"])}
+            for kind in ("sparse", "dense", "local"):
+                setattr(split, kind, {int(d): run.store.adopt(v) for d, v in saved.get(f"{name}/{kind}", {}).items()})
+    _restore_window(run, state.get("window"), checkpointer.window_tensors(state))
     report.blocks = PruningReport.from_dict(state["report"]).blocks
     logger.warning("resuming from %s: blocks 0-%d are done", folder, start - 1)
     return checkpointer, start
 
 
-def _save_checkpoint(run: _Run, report: PruningReport, checkpointer: Checkpointer, j: int) -> None:
+def _window_state(run: _Run, blocks: range) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a CR step leaves for the next one about the blocks still in the window (partly trained)."""
+    now = time.perf_counter()
+    info = {
+        "blocks": list(blocks),
+        "layers": {j: [asdict(r) for r in run.layer_records[j]] for j in blocks},
+        "train_info": {j: run.train_info.get(j, []) for j in blocks},
+        "elapsed": {j: now - run.started[j] for j in blocks},
+    }
+    tensors = {
+        "weights": {j: {k: v.detach().to("cpu") for k, v in run.blocks[j].state_dict().items()} for j in blocks},
+        "masks": {j: {k: v.to("cpu") for k, v in run.masks[j].items()} for j in blocks},
+        "snapshots": {j: run.snapshots[j] for j in blocks if j in run.snapshots},
+        "dense_copies": {j: run.dense_copies[j].state_dict() for j in blocks if j in run.dense_copies},
+    }
+    return info, tensors
+
+
+def _restore_window(run: _Run, info: dict[str, Any] | None, tensors: dict[str, Any]) -> None:
+    if not info:
+        return
+    now = time.perf_counter()
+    for j in info["blocks"]:
+        key = str(j)  # JSON keys are strings
+        block = run.blocks[j]
+        with onload(block, execution_device(block, run.requested_device)):
+            if j in tensors["dense_copies"]:
+                dense = copy.deepcopy(block).to("cpu")
+                dense.load_state_dict(tensors["dense_copies"][j])
+                run.dense_copies[j] = dense
+            block.load_state_dict(tensors["weights"][j])
+        run.masks[j] = tensors["masks"][j]
+        if j in tensors["snapshots"]:
+            run.snapshots[j] = tensors["snapshots"][j]
+        run.layer_records[j] = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in info["layers"][key]]
+        run.train_info[j] = info["train_info"][key]
+        run.started[j] = now - info["elapsed"][key]
+
+
+def _save_checkpoint(run: _Run, report: PruningReport, checkpointer: Checkpointer, s: int, e: int) -> None:
+    """After the step that finished block ``s`` (the window was ``s..e``)."""
     activations = {}
     for name, split in (("calibration", run.calib), ("heldout", run.heldout)):
         if split is not None:
-            activations[f"{name}_sparse"] = list(split.sparse[j + 1])
-            activations[f"{name}_dense"] = list(split.dense[j + 1])
-    checkpointer.save(j + 1, run.blocks[j], j, activations, report.to_dict())
+            for kind in ("sparse", "dense", "local"):
+                activations[f"{name}/{kind}"] = {d: list(v) for d, v in getattr(split, kind).items()}
+    window, tensors = _window_state(run, range(s + 1, e + 1)) if e > s else (None, None)
+    checkpointer.save(s + 1, run.blocks[s], s, activations, report.to_dict(), window, tensors)
 
 
 @torch.no_grad()
 def _loop(run: _Run, report: PruningReport, progress: bool, checkpointer: Checkpointer | None = None,
           start_block: int = 0) -> None:
     num_blocks, w = len(run.blocks), run.window
-    pruned: set[int] = set(range(start_block))
+    # step i trains the window max(0, i)..i+w-1 and finishes block i; the first w-1 steps finish none
+    first = start_block if start_block else -(w - 1)
+    pruned: set[int] = set(range(min(start_block + w - 1, num_blocks))) if start_block else set()
     bar = tqdm(total=num_blocks, initial=start_block, desc="Pruning blocks", unit="block", disable=not progress)
     try:
-        for i in range(start_block - (w - 1), num_blocks):
+        for i in range(first, num_blocks):
             s, e = max(0, i), min(i + w - 1, num_blocks - 1)
             next_start = max(0, i + 1) if i + 1 < num_blocks else num_blocks
             with contextlib.ExitStack() as stack:
@@ -419,8 +461,8 @@ def _loop(run: _Run, report: PruningReport, progress: bool, checkpointer: Checkp
                                 record.error_normalized)
                     bar.set_postfix(error=f"{record.error:.3g}", norm=f"{record.error_normalized:.3g}")
                     bar.update(1)
-                if checkpointer is not None:
-                    _save_checkpoint(run, report, checkpointer, s)
+                if checkpointer is not None and next_start > s:
+                    _save_checkpoint(run, report, checkpointer, s, e)
             release_host_memory()
     finally:
         bar.close()
