@@ -59,14 +59,16 @@ def test_reconstruction_benchmark_merges_rows_run_side_by_side(tmp_path):
     main.write_text(json.dumps({"commit": "a", "settings": settings, "runs": [row("sparsegpt", "BR+GP", 2.0)]}))
     side = tmp_path / "side.json"
     side.write_text(json.dumps({"commit": "b", "settings": settings,
-                                "runs": [row("sparsegpt", "BR+GP", 9.0), row("sparsegpt", "LR", 8.0, threads=1)]}))
+                                "runs": [row("sparsegpt", "BR+GP", 9.0),
+                                         {**row("sparsegpt", "LR", 8.0, threads=1), "resumed": True}]}))
     result = subprocess.run([sys.executable, str(script), "--output", str(main), "--merge", str(side)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     merged = json.loads(main.read_text())
     assert [(r["row"], r["final_error"]) for r in merged["runs"]] == [("LR", 8.0), ("BR+GP", 2.0)]  # kept, ordered
     assert merged["commit"] == ["a", "b"]
-    assert "| -75% |" in result.stdout and "8† |" not in result.stdout and "10† |" in result.stdout
+    assert "| -75% |" in result.stdout and "8† |" not in result.stdout and "10†‡ |" in result.stdout
+    assert "‡ resumed from its --checkpoint-dir" in result.stdout
     assert (tmp_path / "results_sparsegpt.png").stat().st_size > 0
 
     other = tmp_path / "other.json"
@@ -111,7 +113,8 @@ def test_reconstruction_benchmark_resumes_a_finished_row(tmp_path):
     output = tmp_path / "results.json"
     output.write_text(json.dumps({"commit": "a", "settings": settings, "runs": [row]}))
     result = subprocess.run([sys.executable, str(script), "--resume", "--output", str(output), "--data-dir",
-                             str(tmp_path), "--methods", "sparsegpt", "--rows", "LR"],
+                             str(tmp_path), "--methods", "sparsegpt", "--rows", "LR",
+                             "--checkpoint-dir", str(tmp_path / "ck")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done in" not in result.stdout  # nothing was run again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -156,9 +157,14 @@ def test_interrupted_then_resumed_run_equals_the_straight_run(tmp_path, monkeypa
     real_train = sequential._Run.reconstruct
     monkeypatch.setattr(sequential._Run, "reconstruct",
                         lambda self, s, e, i, d: trained.append((s, e)) or real_train(self, s, e, i, d))
+    earlier = json.loads((tmp_path / "ck" / "state.json").read_text())["seconds"]
+    assert earlier > 0
     fresh = make_tiny_model("qwen2")  # a new process would start from the dense checkpoint again
-    report = prune_model(fresh, config, _ids(), heldout_ids=heldout, progress=False, checkpoint_dir=tmp_path / "ck")
+    with pytest.warns(UserWarning, match="resuming from .*blocks 0-1 were finished by an earlier run"):
+        report = prune_model(fresh, config, _ids(), heldout_ids=heldout, progress=False,
+                             checkpoint_dir=tmp_path / "ck")
     assert finished == [2, 3]  # blocks 0 and 1 were restored, not redone
+    assert report.total_seconds > earlier  # the report's time includes the interrupted call's
     # the steps left, each trained once: window 2..min(2 + w - 1, 3), then the last block alone
     assert trained == ([] if reconstruction == "layer" else [(2, min(2 + window - 1, 3)), (3, 3)])
     for a, b in zip(fresh.parameters(), straight.parameters()):

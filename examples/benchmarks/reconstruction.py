@@ -16,6 +16,9 @@ rows get through about 30% more work than one two-thread row):
     OMP_NUM_THREADS=1 python examples/benchmarks/reconstruction.py --resume --rows BR+GP+CR --output a.json &
     OMP_NUM_THREADS=1 python examples/benchmarks/reconstruction.py --resume --rows BR --output b.json &
     wait; python examples/benchmarks/reconstruction.py --merge a.json b.json
+
+With `--checkpoint-dir DIR` each row checkpoints after every block (CR rows too); running the same command
+again after an interruption continues the unfinished row from its last block (its time adds both calls').
 """
 
 from __future__ import annotations
@@ -64,9 +67,12 @@ def run_row(args, method: str, row: str) -> dict:
                            calibration=CalibrationConfig(source="c4", num_samples=args.num_samples,
                                                          seq_len=args.seq_len, heldout_samples=args.heldout, seed=0))
     pruner = ReconPruner.from_pretrained(args.model, config=config)
+    checkpoint = None if args.checkpoint_dir is None else Path(args.checkpoint_dir) / _slug(method, row)
+    state = None if checkpoint is None else checkpoint / "state.json"
+    earlier = json.loads(state.read_text()).get("seconds", 0.0) if state is not None and state.is_file() else 0.0
     start = time.perf_counter()
-    report = pruner.prune(progress=False)
-    seconds = time.perf_counter() - start
+    report = pruner.prune(progress=False, checkpoint_dir=checkpoint)
+    seconds = time.perf_counter() - start + earlier  # an interrupted earlier call's time up to its checkpoint
     ppl = pruner.evaluate("wikitext2", seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, progress=False)
     last = report.blocks[-1]
     states = [w.get("optimizer_state_bytes", 0) for b in report.blocks for w in b.reconstruction.get("windows", [])]
@@ -75,9 +81,15 @@ def run_row(args, method: str, row: str) -> dict:
         "peak_rss_mib": report.peak_rss_mib, "final_error": last.error, "final_error_normalized": last.error_normalized,
         "heldout_error": last.heldout_error, "heldout_error_normalized": last.heldout_error_normalized,
         "optimizer_state_mib": max(states, default=0) / 2**20, "torch_threads": torch.get_num_threads(),
+        "resumed": earlier > 0,
         "per_block": [{"index": b.index, "error": b.error, "error_normalized": b.error_normalized,
                        "error_before": b.error_before, "heldout_error": b.heldout_error} for b in report.blocks],
     }
+
+
+def _slug(method: str, row: str) -> str:
+    """A folder name for a row's checkpoint: "sparsegpt-BR+GP lr=1e-3" -> "sparsegpt-BR_GP_lr_1e-3"."""
+    return f"{method}-" + "".join(c if c.isalnum() or c in "-." else "_" for c in row)
 
 
 def table(results: dict) -> str:
@@ -89,7 +101,7 @@ def table(results: dict) -> str:
     lr = {r["method"]: r["final_error"] for r in results["runs"] if r["row"] == "LR"}
     for r in results["runs"]:
         cut = f"{r['final_error'] / lr[r['method']] - 1:+.0%}" if r["method"] in lr else "–"
-        mark = "†" if r.get("torch_threads") == 1 else ""
+        mark = ("†" if r.get("torch_threads") == 1 else "") + ("‡" if r.get("resumed") else "")
         lines.append(
             f"| {r['method']} | {r['row']} | {r['final_error']:.4g} ({r['final_error_normalized']:.3g}) | {cut} | "
             f"{r['heldout_error']:.4g} ({r['heldout_error_normalized']:.3g}) | {r['wikitext2']:.3f} | "
@@ -97,6 +109,9 @@ def table(results: dict) -> str:
         )
     if any(r.get("torch_threads") == 1 for r in results["runs"]):
         lines.append("\n† one torch thread, side by side with another row: compare its time only with other † rows")
+    if any(r.get("resumed") for r in results["runs"]):
+        lines.append("\n‡ resumed from its --checkpoint-dir after an interruption: the time adds the calls' times "
+                     "(up to the last checkpoint of the interrupted one); the peak RSS is the last call's")
     return "\n".join(lines)
 
 
@@ -119,6 +134,9 @@ def main() -> None:
     parser.add_argument("--merge", nargs="+", metavar="FILE",
                         help="run nothing: add the rows of these result files (same settings; e.g. from runs side by "
                              "side with OMP_NUM_THREADS=1 and their own --output) to --output, print and plot")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="give each row a checkpoint folder here: a row interrupted (a crash, a session that "
+                             "ends) continues from its last finished block when the same command runs again")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -128,7 +146,7 @@ def main() -> None:
         _finish(_merge(Path(args.output), [Path(f) for f in args.merge]), Path(args.output))
         return
     env = offline_env(args.data_dir)
-    how_to_run = ("child", "output", "resume", "methods", "rows", "merge")  # not what was measured
+    how_to_run = ("child", "output", "resume", "methods", "rows", "merge", "checkpoint_dir")  # not what was measured
     results = {**run_metadata(), "settings": {k: v for k, v in vars(args).items() if k not in how_to_run},
                "runs": []}
     if args.resume and Path(args.output).is_file():

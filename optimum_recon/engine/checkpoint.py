@@ -87,10 +87,12 @@ class Checkpointer:
 
     def save(self, next_block: int, block: torch.nn.Module, index: int,
              activations: dict[str, dict[int, list[torch.Tensor]]], report: dict[str, Any],
-             window: dict[str, Any] | None = None, window_tensors: dict[str, Any] | None = None) -> None:
+             window: dict[str, Any] | None = None, window_tensors: dict[str, Any] | None = None,
+             seconds: float = 0.0) -> None:
         """Save block ``index``'s final weights, the activations by kind and depth (``{"calibration/sparse":
         {depth: [batch, ...]}}``), the report, and (CR) the window in flight: JSON-able ``window`` and
-        ``window_tensors`` (nested dicts of tensors). Then point the state at them."""
+        ``window_tensors`` (nested dicts of tensors), and the ``seconds`` the run has taken so far. Then point the
+        state at them."""
         previous = self._state_files()
         _atomic(self.folder / f"block-{index}.safetensors", lambda tmp: save_file(_cpu(block.state_dict()), tmp))
         files = {"activations": f"activations-{next_block}.pt"}
@@ -98,7 +100,8 @@ class Checkpointer:
         if window_tensors is not None:
             files["window_tensors"] = f"window-{next_block}.pt"
             _atomic(self.folder / files["window_tensors"], lambda tmp: torch.save(window_tensors, tmp))
-        state = {"key": self.key, "next_block": next_block, "report": report, "window": window, **files}
+        state = {"key": self.key, "next_block": next_block, "report": report, "window": window, "seconds": seconds,
+                 **files}
         _atomic(self.folder / STATE, lambda tmp: Path(tmp).write_text(json.dumps(state)))
         for name in previous - set(files.values()):
             (self.folder / name).unlink(missing_ok=True)

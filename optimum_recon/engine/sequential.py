@@ -114,6 +114,8 @@ class _Run:
         self.layer_records: dict[int, list] = {}
         self.train_info: dict[int, list[dict[str, Any]]] = {}
         self.started: dict[int, float] = {}
+        self.clock = time.perf_counter()  # when this call began
+        self.earlier_seconds = 0.0  # time spent by interrupted earlier calls, up to their last checkpoint
 
     def splits(self) -> list[_Split]:
         return [self.calib] + ([self.heldout] if self.heldout is not None else [])
@@ -307,6 +309,7 @@ def prune_model(
         heldout = None if heldout_ids is None else capture_block_inputs(
             model, blocks, dist.shard(list(heldout_ids.split(config.batch_size))))
         run = _Run(model, blocks, path, plan, config, calib, heldout, device, store)
+        run.clock = start  # the checkpoints count time from the start of this call
         run.progress = progress
         first_k = -(-k // config.batch_size)  # global batches holding the first k windows
         run.statistics_batches = {i for i, b in enumerate(mine) if b < first_k}
@@ -317,7 +320,7 @@ def prune_model(
     finally:
         model.train(was_training)
         store.close()
-    _finish_report(report, start)
+    _finish_report(report, start - run.earlier_seconds)
     return report
 
 
@@ -376,7 +379,10 @@ def _resume(run: _Run, report: PruningReport, folder, input_ids, heldout_ids) ->
                 setattr(split, kind, {int(d): run.store.adopt(v) for d, v in saved.get(f"{name}/{kind}", {}).items()})
     _restore_window(run, state.get("window"), checkpointer.window_tensors(state))
     report.blocks = PruningReport.from_dict(state["report"]).blocks
-    logger.warning("resuming from %s: blocks 0-%d are done", folder, start - 1)
+    run.earlier_seconds = float(state.get("seconds", 0.0))
+    # a warning, so that the report's notes say the run was resumed (its time includes the earlier calls')
+    warnings.warn(f"resuming from {folder}: blocks 0-{start - 1} were finished by an earlier run "
+                  f"({run.earlier_seconds:.0f} s up to its last checkpoint)", stacklevel=3)
     return checkpointer, start
 
 
@@ -427,7 +433,8 @@ def _save_checkpoint(run: _Run, report: PruningReport, checkpointer: Checkpointe
             for kind in ("sparse", "dense", "local"):
                 activations[f"{name}/{kind}"] = {d: list(v) for d, v in getattr(split, kind).items()}
     window, tensors = _window_state(run, range(s + 1, e + 1)) if e > s else (None, None)
-    checkpointer.save(s + 1, run.blocks[s], s, activations, report.to_dict(), window, tensors)
+    seconds = run.earlier_seconds + time.perf_counter() - run.clock
+    checkpointer.save(s + 1, run.blocks[s], s, activations, report.to_dict(), window, tensors, seconds)
 
 
 @torch.no_grad()
