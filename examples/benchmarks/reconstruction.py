@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -140,6 +141,9 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        # a row can take hours: say when each block is done (the engine logs it at INFO) on the inherited stderr
+        logging.basicConfig(format=f"%(asctime)s {' '.join(args.child)}: %(message)s", level=logging.WARNING)
+        logging.getLogger("optimum_recon.engine").setLevel(logging.INFO)
         print(json.dumps(run_row(args, *args.child)))
         return
     if args.merge:
@@ -160,10 +164,9 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", method, row], env=env,
-                                 capture_output=True, text=True)
+                                 stdout=subprocess.PIPE, text=True)  # its stderr (progress, errors) goes to ours
             if out.returncode != 0:
-                sys.stderr.write(out.stderr[-4000:])
-                raise SystemExit(f"{method} {row} failed")
+                raise SystemExit(f"{method} {row} failed (its error is above)")
             results["runs"].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"{method} {row}: done in {time.perf_counter() - start:.0f} s", flush=True)
             write_results(Path(args.output), results)  # partial results survive
