@@ -54,7 +54,8 @@ def _atomic(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def cpu_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies (or the tensors themselves when already so) for saving."""
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
@@ -94,7 +95,7 @@ class Checkpointer:
         ``window_tensors`` (nested dicts of tensors), and the ``seconds`` the run has taken so far. Then point the
         state at them."""
         previous = self._state_files()
-        _atomic(self.folder / f"block-{index}.safetensors", lambda tmp: save_file(_cpu(block.state_dict()), tmp))
+        _atomic(self.folder / f"block-{index}.safetensors", lambda tmp: save_file(cpu_tensors(block.state_dict()), tmp))
         files = {"activations": f"activations-{next_block}.pt"}
         _atomic(self.folder / files["activations"], lambda tmp: torch.save(activations, tmp))
         if window_tensors is not None:

@@ -44,7 +44,7 @@ from ..reconstruction import WindowTask, get_reconstruction
 from ..report import BlockRecord, LayerRecord, PruningReport, peak_cuda_mib, peak_rss_mib
 from .activations import ActivationStore
 from .capture import BlockInputs, capture_block_inputs
-from .checkpoint import Checkpointer, fingerprint
+from .checkpoint import Checkpointer, cpu_tensors, fingerprint
 from .steps import BlockPasses, ErrorMeter, StatisticsHooks, apply_masks, param_masks
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class _Run:
     """State of one prune: the schedule, the current masks and the activations in flight."""
 
     def __init__(self, model, blocks, path, plan, config, calib: BlockInputs, heldout: BlockInputs | None, device,
-                 store: ActivationStore | None = None):
+                 store: ActivationStore | None = None, clock: float | None = None):
         self.model, self.blocks, self.path, self.plan, self.config = model, blocks, path, plan, config
         self.store = store if store is not None else ActivationStore()
         self.method = get_mask_method(config.method)
@@ -114,7 +114,7 @@ class _Run:
         self.layer_records: dict[int, list] = {}
         self.train_info: dict[int, list[dict[str, Any]]] = {}
         self.started: dict[int, float] = {}
-        self.clock = time.perf_counter()  # when this call began
+        self.clock = time.perf_counter() if clock is None else clock  # when this call began
         self.earlier_seconds = 0.0  # time spent by interrupted earlier calls, up to their last checkpoint
 
     def splits(self) -> list[_Split]:
@@ -308,8 +308,7 @@ def prune_model(
         calib = capture_block_inputs(model, blocks, [batches[b] for b in mine], probe_sizes=probes)
         heldout = None if heldout_ids is None else capture_block_inputs(
             model, blocks, dist.shard(list(heldout_ids.split(config.batch_size))))
-        run = _Run(model, blocks, path, plan, config, calib, heldout, device, store)
-        run.clock = start  # the checkpoints count time from the start of this call
+        run = _Run(model, blocks, path, plan, config, calib, heldout, device, store, clock=start)
         run.progress = progress
         first_k = -(-k // config.batch_size)  # global batches holding the first k windows
         run.statistics_batches = {i for i, b in enumerate(mine) if b < first_k}
@@ -396,8 +395,8 @@ def _window_state(run: _Run, blocks: range) -> tuple[dict[str, Any], dict[str, A
         "elapsed": {j: now - run.started[j] for j in blocks},
     }
     tensors = {
-        "weights": {j: {k: v.detach().to("cpu") for k, v in run.blocks[j].state_dict().items()} for j in blocks},
-        "masks": {j: {k: v.to("cpu") for k, v in run.masks[j].items()} for j in blocks},
+        "weights": {j: cpu_tensors(run.blocks[j].state_dict()) for j in blocks},
+        "masks": {j: cpu_tensors(run.masks[j]) for j in blocks},
         "snapshots": {j: run.snapshots[j] for j in blocks if j in run.snapshots},
         "dense_copies": {j: run.dense_copies[j].state_dict() for j in blocks if j in run.dense_copies},
     }
