@@ -65,6 +65,7 @@ class Checkpointer:
     def __init__(self, folder: str | os.PathLike, key: str):
         self.folder = Path(folder).expanduser()
         self.key = key
+        self.files: set[str] = set()  # the files state.json names (deleted once a newer save replaces them)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -84,6 +85,7 @@ class Checkpointer:
         if "activations" not in state:
             raise ValueError(f"checkpoint_dir={str(self.folder)!r} was written by an older optimum-recon; delete it "
                              "to start over.")
+        self.files = {state[k] for k in ("activations", "window_tensors") if state.get(k)}
         return state
 
     def save(self, next_block: int, block: torch.nn.Module, index: int,
@@ -94,7 +96,6 @@ class Checkpointer:
         {depth: [batch, ...]}}``), the report, and (CR) the window in flight: JSON-able ``window`` and
         ``window_tensors`` (nested dicts of tensors), and the ``seconds`` the run has taken so far. Then point the
         state at them."""
-        previous = self._state_files()
         _atomic(self.folder / f"block-{index}.safetensors", lambda tmp: save_file(cpu_tensors(block.state_dict()), tmp))
         files = {"activations": f"activations-{next_block}.pt"}
         _atomic(self.folder / files["activations"], lambda tmp: torch.save(activations, tmp))
@@ -104,15 +105,9 @@ class Checkpointer:
         state = {"key": self.key, "next_block": next_block, "report": report, "window": window, "seconds": seconds,
                  **files}
         _atomic(self.folder / STATE, lambda tmp: Path(tmp).write_text(json.dumps(state)))
-        for name in previous - set(files.values()):
+        for name in self.files - set(files.values()):
             (self.folder / name).unlink(missing_ok=True)
-
-    def _state_files(self) -> set[str]:
-        path = self.folder / STATE
-        if not path.is_file():
-            return set()
-        state = json.loads(path.read_text())
-        return {state[k] for k in ("activations", "window_tensors") if state.get(k)}
+        self.files = set(files.values())
 
     def block_weights(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.folder / f"block-{index}.safetensors"))
