@@ -124,6 +124,28 @@ def test_cross_block_windows_and_masks_chosen_once(spy, calib_ids, monkeypatch):
     assert len(spy.calls[1]["masks"]) == 14
 
 
+@pytest.mark.parametrize("propagation", ["global", "local"])
+def test_cross_block_keeps_only_the_dense_activations_still_needed(propagation, calib_ids, monkeypatch):
+    """After block s is finished, a window s+1..s+w-1 still needs the dense outputs of s+1..s+w-1 (targets of
+    their errors), never x̄_{s+1}: holding it was one depth of activations per split for nothing."""
+    from optimum_recon.engine.sequential import _Run
+
+    depths = []
+    real = _Run.finalize
+
+    def finalize(self, s, device):
+        record = real(self, s, device)
+        depths.append(sorted(self.calib.dense))
+        return record
+
+    monkeypatch.setattr(_Run, "finalize", finalize)
+    model = make_tiny_model("llama", num_hidden_layers=5)
+    prune_model(model, PruningConfig(method="wanda", reconstruction="cross_block", window=3, epochs=1, batch_size=4,
+                                     propagation=propagation), calib_ids, progress=False)
+    # after finishing s (window s..s+2) the targets x̄_{s+2}, x̄_{s+3} of the blocks left; x̄_5 is the run's end
+    assert depths == [[2, 3], [3, 4], [4, 5], [5], [5]]
+
+
 def test_cross_block_trains_windows_jointly(calib_ids):
     model = make_tiny_model("llama")
     report = prune_model(model, PruningConfig(method="wanda", reconstruction="cross_block", **FAST), calib_ids,

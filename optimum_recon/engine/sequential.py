@@ -81,10 +81,10 @@ class _Split:
         self.dense: dict[int, Any] = {0: hidden}  # the same list: x_0 == x̄_0
         self.local: dict[int, Any] = {}
 
-    def drop(self, depth: int) -> None:
-        """Forget the activations at ``depth``, deleting files no other depth still uses."""
+    def drop(self, depth: int, kinds: tuple[str, ...] = ("sparse", "dense", "local")) -> None:
+        """Forget the activations of ``kinds`` at ``depth``, deleting files no other depth still uses."""
         stores = (self.sparse, self.dense, self.local)
-        gone = [store.pop(depth, None) for store in stores]
+        gone = [getattr(self, kind).pop(depth, None) for kind in kinds]
         kept = [v for store in stores for v in store.values()]
         for value in {id(v): v for v in gone if v is not None}.values():
             if hasattr(value, "release") and not any(value is k for k in kept):
@@ -204,6 +204,8 @@ class _Run:
                               local_meter if s in split.local else None)
             split.sparse[s + 1] = outputs
             split.drop(s)
+            if s + 2 in split.dense:  # block s+1 is pruned already (a window of 2+): x̄_{s+1} has no use left
+                split.drop(s + 1, ("dense",))
         self.snapshots.pop(s, None)
         self.masks.pop(s, None)
         self.dense_copies.pop(s, None)
