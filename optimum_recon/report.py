@@ -76,7 +76,8 @@ class PruningReport:
     blocks: list[BlockRecord] = field(default_factory=list)
     model_sparsity: float = 0.0  # zeros / weights over all pruned layers
     pruned_parameters: int = 0  # weights in pruned layers
-    total_seconds: float = 0.0
+    total_seconds: float = 0.0  # with a resumed run, includes the interrupted earlier calls' time
+    resumed_seconds: float = 0.0  # of total_seconds: the earlier calls' time up to their last checkpoint
     peak_rss_mib: float = 0.0
     peak_cuda_mib: float | None = None
     num_calibration_tokens: int = 0

@@ -160,3 +160,16 @@ def test_card_is_idempotent_and_complete(tmp_path):
         assert a.count(heading) == 1
     assert "base_model: org/base" in a and "license: mit" in a and "allenai/c4" in a
     assert "optimum-recon prune --model org/base" in a and "--pattern 2:4" in a
+
+
+def test_card_says_when_the_time_includes_an_interrupted_run():
+    from optimum_recon import PruningConfig, PruningReport
+    from optimum_recon.hub import build_model_card
+    from optimum_recon.report import BlockRecord
+
+    block = BlockRecord(index=0, error=1.0, error_normalized=0.1, error_local=None, sparsity=0.5, seconds=1.0)
+    report = PruningReport(blocks=[block], total_seconds=600.0, environment={"device": "cpu"})
+    assert "took 10.0 minutes on `cpu`." in str(build_model_card(PruningConfig(), report))
+    report.resumed_seconds = 240.0
+    assert "took 10.0 minutes on `cpu` (resumed from a checkpoint: 4.0 of them by the interrupted earlier run)." in str(
+        build_model_card(PruningConfig(), report))

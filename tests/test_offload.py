@@ -164,7 +164,9 @@ def test_interrupted_then_resumed_run_equals_the_straight_run(tmp_path, monkeypa
         report = prune_model(fresh, config, _ids(), heldout_ids=heldout, progress=False,
                              checkpoint_dir=tmp_path / "ck")
     assert finished == [2, 3]  # blocks 0 and 1 were restored, not redone
+    assert report.resumed_seconds == pytest.approx(earlier)
     assert report.total_seconds > earlier  # the report's time includes the interrupted call's
+    assert expected.resumed_seconds == 0.0
     # the steps left, each trained once: window 2..min(2 + w - 1, 3), then the last block alone
     assert trained == ([] if reconstruction == "layer" else [(2, min(2 + window - 1, 3)), (3, 3)])
     for a, b in zip(fresh.parameters(), straight.parameters()):

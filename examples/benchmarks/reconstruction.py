@@ -69,11 +69,10 @@ def run_row(args, method: str, row: str) -> dict:
                                                          seq_len=args.seq_len, heldout_samples=args.heldout, seed=0))
     pruner = ReconPruner.from_pretrained(args.model, config=config)
     checkpoint = None if args.checkpoint_dir is None else Path(args.checkpoint_dir) / _slug(method, row)
-    state = None if checkpoint is None else checkpoint / "state.json"
-    earlier = json.loads(state.read_text()).get("seconds", 0.0) if state is not None and state.is_file() else 0.0
     start = time.perf_counter()
     report = pruner.prune(progress=False, checkpoint_dir=checkpoint)
-    seconds = time.perf_counter() - start + earlier  # an interrupted earlier call's time up to its checkpoint
+    earlier = report.resumed_seconds  # an interrupted earlier call's time up to its checkpoint
+    seconds = time.perf_counter() - start + earlier
     ppl = pruner.evaluate("wikitext2", seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, progress=False)
     last = report.blocks[-1]
     states = [w.get("optimizer_state_bytes", 0) for b in report.blocks for w in b.reconstruction.get("windows", [])]

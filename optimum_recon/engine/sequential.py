@@ -321,6 +321,7 @@ def prune_model(
     finally:
         model.train(was_training)
         store.close()
+    report.resumed_seconds = run.earlier_seconds
     _finish_report(report, start - run.earlier_seconds)
     return report
 

@@ -119,7 +119,9 @@ def _results(report: PruningReport | None) -> str:
         return "No pruning report was saved with this model."
     lines = [f"Measured sparsity of the pruned layers: **{report.model_sparsity:.2%}** "
              f"({report.pruned_parameters:,} weights); pruning took {report.total_seconds / 60:.1f} minutes on "
-             f"`{report.environment.get('device', 'unknown device')}`."]
+             f"`{report.environment.get('device', 'unknown device')}`"
+             + (f" (resumed from a checkpoint: {report.resumed_seconds / 60:.1f} of them by the interrupted earlier "
+                "run)." if report.resumed_seconds else ".")]
     if report.perplexity:
         lines += ["", "| dataset | dense perplexity | pruned perplexity |", "| --- | --- | --- |"]
         for name, values in report.perplexity.items():
