@@ -39,6 +39,27 @@ def test_offload_benchmark_tiny(tmp_path):
     assert "saved sparsity" in result.stdout
 
 
+def test_lora_memory_benchmark_tiny(tmp_path):
+    """LoRA's optimizer state is measured from the optimizer and is the low-rank factors' (2 Adam moments each)."""
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "lora_memory.py"
+    output = tmp_path / "lora.json"
+    result = subprocess.run([sys.executable, str(script), "--tiny", "--output", str(output)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    full, lora = json.loads(output.read_text())["runs"]
+    assert (full["lora_rank"], lora["lora_rank"]) == (0, 4)
+    # tiny block: hidden 64, intermediate 128, 4 heads of 16, 2 key/value heads -> k/v width 32
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]  # (out, in) of q k v o g u d
+    linear = sum(o * i for o, i in shapes)
+    assert full["block_parameters"] == linear + 2 * 64  # the linear weights and the two norms
+    assert full["optimizer_state_mib"] * 2**20 == 2 * 4 * full["block_parameters"]  # fp32 exp_avg, exp_avg_sq
+    factors = sum(4 * (o + i) for o, i in shapes)
+    assert lora["optimizer_state_mib"] * 2**20 == 2 * 4 * (factors + 2 * 64)  # LoRA factors plus the norms
+    assert "| tiny |" in result.stdout and "LoRA-4" in result.stdout
+
+
 def test_reconstruction_benchmark_merges_rows_run_side_by_side(tmp_path):
     """Rows run into separate files are merged in the table's order; other settings are refused."""
     import json
@@ -67,7 +88,7 @@ def test_reconstruction_benchmark_merges_rows_run_side_by_side(tmp_path):
     merged = json.loads(main.read_text())
     assert [(r["row"], r["final_error"]) for r in merged["runs"]] == [("LR", 8.0), ("BR+GP", 2.0)]  # kept, ordered
     assert merged["commit"] == ["a", "b"]
-    assert "| -75% |" in result.stdout and "8† |" not in result.stdout and "10†‡ |" in result.stdout
+    assert "| -75.0% |" in result.stdout and "8† |" not in result.stdout and "10†‡ |" in result.stdout
     assert "‡ resumed from its --checkpoint-dir" in result.stdout
     assert (tmp_path / "results_sparsegpt.png").stat().st_size > 0
 
