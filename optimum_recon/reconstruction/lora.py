@@ -37,7 +37,8 @@ class MaskedLowRankUpdate(nn.Module):
         nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)
         with torch.no_grad():
             self.lora_A.copy_(init)
-        self.register_buffer("mask", mask.to(device=weight.device, dtype=weight.dtype), persistent=False)
+        # kept boolean (1 byte per weight, not the weight's 4): (w + delta) * mask promotes to the weight's dtype
+        self.register_buffer("mask", mask.to(device=weight.device, dtype=torch.bool), persistent=False)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         delta = (self.lora_B @ self.lora_A) * self.scale

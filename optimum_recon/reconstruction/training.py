@@ -85,8 +85,10 @@ def _trainable(task: WindowTask, config: "PruningConfig") -> Iterator[list[nn.Pa
                 trainable += stack.enter_context(masked_low_rank(task.masks, task.modules, config.lora_rank, alpha,
                                                                  seed=task.seed))
             else:
+                # the boolean masks themselves: a copy in the weights' dtype would add 4 bytes per weight (the
+                # size of the block again in fp32), and float * bool gives the float's dtype anyway
                 for param, mask in task.masks.items():
-                    handles.append(param.register_hook(functools.partial(_mask_gradient, mask=mask.to(param.dtype))))
+                    handles.append(param.register_hook(functools.partial(_mask_gradient, mask=mask)))
             yield trainable
         finally:
             for handle in handles:
