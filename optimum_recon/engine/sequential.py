@@ -215,16 +215,24 @@ class _Run:
         return record
 
     def _error_before(self, split: _Split, s: int, device: torch.device) -> ErrorMeter:
-        """The error with the masked but untrained weights (swapped in temporarily)."""
-        block = self.blocks[s]
-        trained = {k: v.detach().clone() for k, v in block.state_dict().items()}
-        block.load_state_dict(self.snapshots[s])
+        """The error with the masked but untrained weights, swapped in temporarily.
+
+        The parameters' tensors are exchanged, not copied: on the CPU the untrained weights cost no memory
+        beyond the snapshot (a clone of the trained block would be the block's size again).
+        """
+        snapshot = self.snapshots[s]
+        params = [(p, snapshot[name].to(p.device)) for name, p in self.blocks[s].named_parameters()
+                  if name in snapshot]
+        trained = [p.data for p, _ in params]
         meter = ErrorMeter()
         try:
+            for p, untrained in params:
+                p.data = untrained
             for b, x in enumerate(split.sparse[s]):
-                meter.update(split.passes.run(block, s, b, x, device), split.dense[s + 1][b])
+                meter.update(split.passes.run(self.blocks[s], s, b, x, device), split.dense[s + 1][b])
         finally:
-            block.load_state_dict(trained)
+            for (p, _), data in zip(params, trained):
+                p.data = data
         return meter
 
 
