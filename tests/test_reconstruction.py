@@ -126,8 +126,9 @@ def test_cross_block_windows_and_masks_chosen_once(spy, calib_ids, monkeypatch):
 
 @pytest.mark.parametrize("propagation", ["global", "local"])
 def test_cross_block_keeps_only_the_dense_activations_still_needed(propagation, calib_ids, monkeypatch):
-    """After block s is finished, a window s+1..s+w-1 still needs the dense outputs of s+1..s+w-1 (targets of
-    their errors), never x̄_{s+1}: holding it was one depth of activations per split for nothing."""
+    """After block s is finished, the blocks left in its window, s+1..s+w-1, still need their dense outputs
+    x̄_{s+2}..x̄_{s+w} (the targets of their errors), never x̄_{s+1}: holding it was one depth of activations
+    per split for nothing."""
     from optimum_recon.engine.sequential import _Run
 
     depths = []

@@ -45,3 +45,15 @@ def write_results(path: str | os.PathLike, results: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def rss_mib() -> tuple[float, float, float]:
+    """This process's (VmRSS, RssAnon, RssFile) now, in MiB: the resident total, anonymous memory, and mapped
+    file pages (Linux; NaN where /proc/self/status lacks them)."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                values[key] = int(line.split()[1]) / 1024
+    return tuple(values.get(k, float("nan")) for k in ("VmRSS", "RssAnon", "RssFile"))

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import HERE, run_metadata, write_results
+from _common import HERE, rss_mib, run_metadata, write_results
 
 # the decoder-block shapes of published models (hidden, intermediate, heads, key/value heads)
 SHAPES = {
@@ -34,11 +33,6 @@ SHAPES = {
     "llama-13b": (5120, 13824, 40, 40),  # Llama-2-13B
     "llama-70b": (8192, 28672, 64, 8),  # Llama-2-70B (about 14 GiB of host memory for full-weight training)
 }
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_one(shape: str, rank: int, steps: int, seq_len: int) -> dict:
@@ -57,7 +51,7 @@ def run_one(shape: str, rank: int, steps: int, seq_len: int) -> dict:
     # magnitude masks: no statistics pass and no SparseGPT solve, so the time is the training's
     recipe = PruningConfig(method="magnitude", sparsity=0.5, reconstruction="block", epochs=1, batch_size=batch,
                            lora_rank=rank)
-    before = _rss_mib()
+    before = rss_mib()[0]
     start = time.perf_counter()
     report = prune_model(model, recipe, ids, progress=False)
     seconds = time.perf_counter() - start

@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import HERE, add_data_dir_argument, offline_env, run_metadata, write_results
+from _common import HERE, add_data_dir_argument, offline_env, rss_mib, run_metadata, write_results
 
 MODES = ("memory", "cpu", "disk")
 ROWS = {"LR+GP": "layer", "BR+GP": "block"}
@@ -50,19 +50,8 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def rss_mib() -> tuple[float, float, float]:
-        """(VmRSS, RssAnon, RssFile) in MiB: the resident total, anonymous memory, and mapped file pages."""
-        values = {}
-        with open("/proc/self/status") as f:
-            for line in f:
-                key = line.split(":")[0]
-                if key in ("VmRSS", "RssAnon", "RssFile"):
-                    values[key] = int(line.split()[1]) / 1024
-        return tuple(values.get(k, float("nan")) for k in ("VmRSS", "RssAnon", "RssFile"))
-
     def _sample(self) -> None:
-        total, anon, file = self.rss_mib()
+        total, anon, file = rss_mib()
         self.samples.append((time.perf_counter() - self._start, total, self._phase, anon, file))
 
     @property
