@@ -147,6 +147,39 @@ def test_cross_block_keeps_only_the_dense_activations_still_needed(propagation, 
     assert depths == [[2, 3], [3, 4], [4, 5], [5], [5]]
 
 
+def test_br_measures_the_error_before_at_masking_without_a_snapshot(calib_ids, monkeypatch):
+    """BR's inputs are final when a block is masked, so its "before" error is measured then and no copy of the
+    untrained block is held through training; the numbers are those of the snapshot route CR needs."""
+    from optimum_recon.engine.sequential import _Run
+
+    torch.manual_seed(3)
+    heldout = torch.randint(0, 128, (4, 24))
+    config = PruningConfig(method="wanda", reconstruction="block", epochs=2, lr=1e-3, batch_size=4)
+    held = []
+    real_reconstruct = _Run.reconstruct
+
+    def reconstruct(self, s, e, step, device):
+        held.append(len(self.snapshots))
+        return real_reconstruct(self, s, e, step, device)
+
+    monkeypatch.setattr(_Run, "reconstruct", reconstruct)
+    now = prune_model(make_tiny_model("qwen2"), config, calib_ids, heldout_ids=heldout, progress=False)
+    assert held == [0] * len(now.blocks) and now.blocks[1].error < now.blocks[1].error_before
+
+    real_init = _Run.__init__
+
+    def snapshot_route(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.before_at_masking = False
+
+    monkeypatch.setattr(_Run, "__init__", snapshot_route)
+    held.clear()
+    later = prune_model(make_tiny_model("qwen2"), config, calib_ids, heldout_ids=heldout, progress=False)
+    assert held == [1] * len(later.blocks)
+    for a, b in zip(now.blocks, later.blocks):
+        assert (a.error_before, a.heldout_error_before, a.error) == (b.error_before, b.heldout_error_before, b.error)
+
+
 def test_cross_block_trains_windows_jointly(calib_ids):
     model = make_tiny_model("llama")
     report = prune_model(model, PruningConfig(method="wanda", reconstruction="cross_block", **FAST), calib_ids,

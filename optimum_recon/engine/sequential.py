@@ -73,7 +73,8 @@ def validate_layers(plan: list[list[LinearLayer]], config: PruningConfig, blocks
 class _Split:
     """One data split (calibration or held-out): captured arguments and activations by depth."""
 
-    def __init__(self, inputs: BlockInputs, store: ActivationStore):
+    def __init__(self, inputs: BlockInputs, store: ActivationStore, name: str):
+        self.name = name  # "calibration" or "heldout": the key of its errors in the report
         self.passes = BlockPasses(inputs)
         hidden = store.adopt(inputs.hidden)
         inputs.hidden = []  # the store holds them now (on disk with activation_offload="disk")
@@ -102,14 +103,20 @@ class _Run:
         self.reconstruction = get_reconstruction(config.reconstruction)
         self.trains = self.reconstruction.trains and config.epochs > 0
         self.window = min(self.reconstruction.window_size(config), len(blocks))
-        self.calib = _Split(calib, self.store)
-        self.heldout = _Split(heldout, self.store) if heldout is not None else None
+        self.calib = _Split(calib, self.store, "calibration")
+        self.heldout = _Split(heldout, self.store, "heldout") if heldout is not None else None
         self.requested_device = device
         self.progress = False
         self.statistics_batches: set[int] | None = None  # this rank's calibration batches that feed the masks
         self.sample_rows: torch.Tensor | None = None  # global calibration window -> row of this rank's data (-1)
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
-        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # masked, untrained weights (for "before")
+        # The error "before" training, of the masked but untrained block on its final inputs. With a window of one
+        # block (BR) those inputs are final when the block is masked, so it is measured then ("before_errors");
+        # in CR the inputs still change while the previous block trains, so the untrained weights are kept on the
+        # CPU ("snapshots") and measured when the block leaves the window. BR thus never holds a second copy.
+        self.before_at_masking = self.trains and self.window == 1
+        self.before_errors: dict[int, dict[str, ErrorMeter]] = {}
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self.dense_copies: dict[int, nn.Module] = {}
         self.layer_records: dict[int, list] = {}
         self.train_info: dict[int, list[dict[str, Any]]] = {}
@@ -149,7 +156,9 @@ class _Run:
             self.dense_copies[e] = copy.deepcopy(block).to("cpu")
         self.masks[e], self.layer_records[e] = apply_masks(layers, stats, self.method, self.config,
                                                            f"{self.path}.{e}")
-        if self.trains:
+        if self.before_at_masking:
+            self.before_errors[e] = {split.name: self._block_error(split, e, device) for split in self.splits()}
+        elif self.trains:
             self.snapshots[e] = {k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()}
 
     # --- step 2: reconstruct the window -------------------------------------------------------------------
@@ -199,13 +208,19 @@ class _Run:
             meter.all_reduce()  # the errors over every rank's windows
             if s in split.local:
                 local_meter.all_reduce()
-            before = self._error_before(split, s, device).all_reduce() if s in self.snapshots else meter
-            record.set_errors("heldout" if split is self.heldout else "calibration", meter, before,
+            if s in self.before_errors:
+                before = self.before_errors[s][split.name].all_reduce()
+            elif s in self.snapshots:
+                before = self._error_before(split, s, device).all_reduce()
+            else:  # not trained: the error before is the error
+                before = meter
+            record.set_errors(split.name, meter, before,
                               local_meter if s in split.local else None)
             split.sparse[s + 1] = outputs
             split.drop(s)
             if s + 2 in split.dense:  # block s+1 is pruned already (a window of 2+): x̄_{s+1} has no use left
                 split.drop(s + 1, ("dense",))
+        self.before_errors.pop(s, None)
         self.snapshots.pop(s, None)
         self.masks.pop(s, None)
         self.dense_copies.pop(s, None)
@@ -224,15 +239,19 @@ class _Run:
         params = [(p, snapshot[name].to(p.device)) for name, p in self.blocks[s].named_parameters()
                   if name in snapshot]
         trained = [p.data for p, _ in params]
-        meter = ErrorMeter()
         try:
             for p, untrained in params:
                 p.data = untrained
-            for b, x in enumerate(split.sparse[s]):
-                meter.update(split.passes.run(self.blocks[s], s, b, x, device), split.dense[s + 1][b])
+            return self._block_error(split, s, device)
         finally:
             for (p, _), data in zip(params, trained):
                 p.data = data
+
+    def _block_error(self, split: _Split, s: int, device: torch.device) -> ErrorMeter:
+        """Block ``s``'s error as it stands, on its sparse inputs, against the dense target x̄_{s+1}."""
+        meter = ErrorMeter()
+        for b, x in enumerate(split.sparse[s]):
+            meter.update(split.passes.run(self.blocks[s], s, b, x, device), split.dense[s + 1][b])
         return meter
 
 
