@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -279,6 +280,40 @@ def test_lora_merges_through_the_mask(arch_name, calib_ids):
     full_state = full.blocks[0].reconstruction["windows"][0]["optimizer_state_bytes"]
     lora_state = lora.blocks[0].reconstruction["windows"][0]["optimizer_state_bytes"]
     assert lora_state < full_state / 3
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gpt2"])
+def test_lora_rebuilds_merged_weights_for_the_backward_instead_of_keeping_them(arch_name, calib_ids, monkeypatch):
+    """Each layer's merged weight (W + B·A) ⊙ M is what its matmul saves for the backward; it is saved as a recipe
+    and rebuilt (nothing weight-sized is kept), with bit-identical training to keeping it."""
+    from optimum_recon.reconstruction import lora as lora_module
+    from optimum_recon.reconstruction import training
+
+    # batches of 2 windows of 24 tokens: 48 rows, no layer's width (a 96-row activation would look like a weight)
+    config = PruningConfig(method="wanda", lora_rank=2, epochs=2, lr=1e-3, batch_size=2)
+    kept = make_tiny_model(arch_name)
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "recomputed_merges", contextlib.nullcontext)
+        prune_model(kept, config, calib_ids, progress=False)
+
+    weight_shapes = {tuple(layer.weight.shape) for _, blocks in [find_blocks(kept)] for block in blocks
+                     for layer in find_linear_layers(block)}
+    packed, real_pack = [], lora_module._pack
+
+    def pack(saved):
+        result = real_pack(saved)
+        if isinstance(result, lora_module._Rebuild) or result.is_floating_point():  # (the boolean masks are kept)
+            packed.append(result if isinstance(result, lora_module._Rebuild) else tuple(result.shape))
+        return result
+
+    monkeypatch.setattr(lora_module, "_pack", pack)
+    rebuilt = make_tiny_model(arch_name)
+    prune_model(rebuilt, config, calib_ids, progress=False)
+    rebuilds = [p for p in packed if isinstance(p, lora_module._Rebuild)]
+    kept_shapes = {p for p in packed if not isinstance(p, lora_module._Rebuild)}
+    assert rebuilds and not weight_shapes & (kept_shapes | {s[::-1] for s in kept_shapes if len(s) == 2})
+    for a, b in zip(kept.parameters(), rebuilt.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_plot_of_block_errors(calib_ids, tmp_path):

@@ -10,6 +10,11 @@ a dense update that the mask then cuts at merge time (a train/deploy mismatch th
 A `torch.nn.utils.parametrize` parametrization applies the mask inside the trained function itself and
 bakes the exact result on removal. Initialization follows the usual LoRA convention (A Kaiming-uniform,
 B zero), so training starts from the pruned weights.
+
+Memory: a linear layer saves its weight for the backward pass, here the merged W_eff, a full-size tensor per
+layer: one block's weights again, which full-weight training does not pay (it saves the parameter itself).
+`recomputed_merges` saves a recipe instead and rebuilds W_eff when the backward needs it (r * in * out
+multiply-adds per layer, small beside the layer's own matmuls over a batch of windows).
 """
 
 from __future__ import annotations
@@ -41,8 +46,47 @@ class MaskedLowRankUpdate(nn.Module):
         self.register_buffer("mask", mask.to(device=weight.device, dtype=torch.bool), persistent=False)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        delta = (self.lora_B @ self.lora_A) * self.scale
+        merged = self.merge(weight, self.lora_A, self.lora_B)
+        merged._recon_merge = (self, weight)  # how `recomputed_merges` rebuilds it
+        return merged
+
+    def merge(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+        delta = (lora_B @ lora_A) * self.scale
         return (weight + delta.to(weight.dtype)) * self.mask
+
+
+def _pack(saved: torch.Tensor):
+    """Saved for the backward: a merged weight (or a view of one, as ``linear`` saves ``weight.t()``) becomes
+    the recipe to rebuild it; anything else is kept as it is."""
+    base = saved if hasattr(saved, "_recon_merge") else saved._base
+    recipe = getattr(base, "_recon_merge", None) if base is not None else None
+    if recipe is None:
+        return saved
+    update, weight = recipe
+    # A and B are saved as they are now (detached aliases: the optimizer only steps after the backward)
+    return _Rebuild(update, weight, update.lora_A.detach(), update.lora_B.detach(), saved.size(), saved.stride(),
+                    saved.storage_offset())
+
+
+class _Rebuild:
+    __slots__ = ("update", "weight", "lora_A", "lora_B", "size", "stride", "offset")
+
+    def __init__(self, update, weight, lora_A, lora_B, size, stride, offset):
+        self.update, self.weight, self.lora_A, self.lora_B = update, weight, lora_A, lora_B
+        self.size, self.stride, self.offset = size, stride, offset
+
+
+def _unpack(packed):
+    if not isinstance(packed, _Rebuild):
+        return packed
+    with torch.no_grad():  # the same operations on the same values: bit-identical to the tensor not kept
+        merged = packed.update.merge(packed.weight, packed.lora_A, packed.lora_B)
+    return merged.as_strided(packed.size, packed.stride, packed.offset)
+
+
+def recomputed_merges() -> contextlib.AbstractContextManager:
+    """Around a forward pass: the merged LoRA weights are rebuilt for the backward instead of kept."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_gradients_, all_reduce_numbers
 from .base import Reconstruction, WindowTask
-from .lora import masked_low_rank
+from .lora import masked_low_rank, recomputed_merges
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..configuration import PruningConfig
@@ -134,7 +134,9 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
                 if len(rows):
                     x = task.inputs[rows].to(task.device, non_blocking=True)
                     y = task.targets[rows].to(task.device, non_blocking=True)
-                    with torch.autocast(task.device.type, dtype=dtype, enabled=amp):
+                    with torch.autocast(task.device.type, dtype=dtype, enabled=amp), (
+                        recomputed_merges() if config.lora_rank > 0 else contextlib.nullcontext()
+                    ):
                         out = task.forward(x)
                     # the mean over the global batch: this rank's share of it
                     loss = nn.functional.mse_loss(out.float(), y.float(), reduction="sum") / (len(index) * y[0].numel())
