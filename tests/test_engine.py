@@ -113,9 +113,11 @@ def test_batch_size_does_not_change_the_result(calib_ids):
 def test_pruning_is_deterministic(calib_ids):
     a, b = make_tiny_model("qwen2"), make_tiny_model("qwen2")
     prune_model(a, PruningConfig(reconstruction="layer"), calib_ids, progress=False)
-    prune_model(b, PruningConfig(reconstruction="layer"), calib_ids, progress=False)
+    report = prune_model(b, PruningConfig(reconstruction="layer"), calib_ids, progress=False)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+    # bit-identity also needs the same CPU thread count: the report records it
+    assert report.environment["torch_threads"] == str(torch.get_num_threads())
 
 
 def test_sparsegpt_beats_magnitude_on_block_error(calib_ids):

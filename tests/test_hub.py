@@ -170,6 +170,8 @@ def test_card_says_when_the_time_includes_an_interrupted_run():
     block = BlockRecord(index=0, error=1.0, error_normalized=0.1, error_local=None, sparsity=0.5, seconds=1.0)
     report = PruningReport(blocks=[block], total_seconds=600.0, environment={"device": "cpu"})
     assert "took 10.0 minutes on `cpu`." in str(build_model_card(PruningConfig(), report))
+    report.environment["torch_threads"] = "2"  # CPU results are bit-identical only with the same thread count
+    assert "took 10.0 minutes on `cpu` with 2 torch threads." in str(build_model_card(PruningConfig(), report))
     report.resumed_seconds = 240.0
-    assert "took 10.0 minutes on `cpu` (resumed from a checkpoint: 4.0 of them by the interrupted earlier run)." in str(
-        build_model_card(PruningConfig(), report))
+    assert ("took 10.0 minutes on `cpu` with 2 torch threads (resumed from a checkpoint: 4.0 of them by the "
+            "interrupted earlier run).") in str(build_model_card(PruningConfig(), report))

@@ -515,4 +515,6 @@ def _finish_report(report: PruningReport, start: float) -> None:
     report.total_seconds = time.perf_counter() - start
     report.peak_rss_mib = peak_rss_mib()
     report.peak_cuda_mib = peak_cuda_mib()
-    report.environment.update(torch=torch.__version__, transformers=transformers.__version__)
+    # the CPU thread count changes how floating-point sums are split: results are bit-identical only with the same one
+    report.environment.update(torch=torch.__version__, transformers=transformers.__version__,
+                              torch_threads=str(torch.get_num_threads()))

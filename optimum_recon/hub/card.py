@@ -114,12 +114,20 @@ def _error_table(report: PruningReport) -> list[str]:
     return lines
 
 
+def _threads(report: PruningReport) -> str:
+    """On the CPU, the torch thread count: reproducing the weights bit for bit needs the same one."""
+    threads = report.environment.get("torch_threads")
+    if not threads or not str(report.environment.get("device", "")).startswith("cpu"):
+        return ""
+    return f" with {threads} torch thread{'s' if threads != '1' else ''}"
+
+
 def _results(report: PruningReport | None) -> str:
     if report is None or not report.blocks:
         return "No pruning report was saved with this model."
     lines = [f"Measured sparsity of the pruned layers: **{report.model_sparsity:.2%}** "
              f"({report.pruned_parameters:,} weights); pruning took {report.total_seconds / 60:.1f} minutes on "
-             f"`{report.environment.get('device', 'unknown device')}`"
+             f"`{report.environment.get('device', 'unknown device')}`" + _threads(report)
              + (f" (resumed from a checkpoint: {report.resumed_seconds / 60:.1f} of them by the interrupted earlier "
                 "run)." if report.resumed_seconds else ".")]
     if report.perplexity:
