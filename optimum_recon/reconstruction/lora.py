@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -46,13 +46,23 @@ class MaskedLowRankUpdate(nn.Module):
         self.register_buffer("mask", mask.to(device=weight.device, dtype=torch.bool), persistent=False)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        merged = self.merge(weight, self.lora_A, self.lora_B)
+        merged = self.merge(weight)
         merged._recon_merge = (self, weight)  # how `recomputed_merges` rebuilds it
         return merged
 
-    def merge(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-        delta = (lora_B @ lora_A) * self.scale
+    def merge(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = (self.lora_B @ self.lora_A) * self.scale
         return (weight + delta.to(weight.dtype)) * self.mask
+
+
+class _Rebuild(NamedTuple):
+    """What is saved for the backward instead of a merged weight: its update, and the view of it that was saved."""
+
+    update: MaskedLowRankUpdate
+    weight: torch.Tensor
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
 
 
 def _pack(saved: torch.Tensor):
@@ -62,25 +72,16 @@ def _pack(saved: torch.Tensor):
     recipe = getattr(base, "_recon_merge", None) if base is not None else None
     if recipe is None:
         return saved
-    update, weight = recipe
-    # A and B are saved as they are now (detached aliases: the optimizer only steps after the backward)
-    return _Rebuild(update, weight, update.lora_A.detach(), update.lora_B.detach(), saved.size(), saved.stride(),
-                    saved.storage_offset())
-
-
-class _Rebuild:
-    __slots__ = ("update", "weight", "lora_A", "lora_B", "size", "stride", "offset")
-
-    def __init__(self, update, weight, lora_A, lora_B, size, stride, offset):
-        self.update, self.weight, self.lora_A, self.lora_B = update, weight, lora_A, lora_B
-        self.size, self.stride, self.offset = size, stride, offset
+    return _Rebuild(*recipe, saved.size(), saved.stride(), saved.storage_offset())
 
 
 def _unpack(packed):
     if not isinstance(packed, _Rebuild):
         return packed
-    with torch.no_grad():  # the same operations on the same values: bit-identical to the tensor not kept
-        merged = packed.update.merge(packed.weight, packed.lora_A, packed.lora_B)
+    # A and B are read now: the optimizer steps only after the backward, so they hold the forward's values, and
+    # the same operations on them give a bit-identical tensor to the one not kept
+    with torch.no_grad():
+        merged = packed.update.merge(packed.weight)
     return merged.as_strided(packed.size, packed.stride, packed.offset)
 
 
