@@ -12,11 +12,15 @@ import json
 import logging
 import os
 import sys
+import traceback
+import warnings
 from dataclasses import fields
-from typing import Any
+from typing import Any, Iterator
 
 from .configuration import CalibrationConfig, PruningConfig, field_default, field_help
 from .hub.push import HubUploadError
+
+logger = logging.getLogger(__name__)
 
 # CLI flag -> (dataclass, field). Lists take several values: --targets q_proj k_proj.
 _RECIPE_FLAGS = {
@@ -91,8 +95,11 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         "(default: float32 on CPU, the checkpoint's dtype on GPU).")
     parser.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. auto).")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow custom modeling code from the Hub.")
+    parser.add_argument("--allow-missing-weights", action="store_true", help="Load a checkpoint even when weights of "
+                        "the model are missing from it or it holds weights the model does not have (by default an "
+                        "error: the model would be partly random).")
     parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log each block's error.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log each block's error; show tracebacks.")
 
 
 def _add_eval_flags(parser: argparse.ArgumentParser, flag: str, default: str | None, help_text: str) -> None:
@@ -155,7 +162,10 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
         prune.add_argument(f"--{flag}", dest=name if cls is PruningConfig else f"calibration_{name}", **kwargs)
     prune.add_argument("--recipe", default=None, help="Start from the pruning_config.json of a folder or Hub repo; "
                        "flags given explicitly override it.")
-    prune.add_argument("--output", default=None, help="Folder to save the pruned model into.")
+    prune.add_argument("--output", default=None, help="Folder to save the pruned model into: a new or empty folder, "
+                       "or one optimum-recon saved a model into (checked before the model is loaded).")
+    prune.add_argument("--overwrite", action="store_true", help="Replace an --output folder that holds other files "
+                       "(never the model's own folder or one containing it).")
     prune.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                        help="Also upload the saved model to this Hub repository (created if needed).")
     prune.add_argument("--private", action="store_true", help="With --push-to-hub: create the repository private.")
@@ -164,7 +174,10 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
                        help="Keep activations between blocks in CPU memory or in files (--activation-folder).")
     prune.add_argument("--activation-folder", default=None, help="Scratch folder for --activation-offload disk.")
     prune.add_argument("--checkpoint-dir", default=None, help="Save progress after every block; run the same command "
-                       "again after an interruption to continue from the last finished block (CR included).")
+                       "again after an interruption to continue from the last finished block (CR included). Deleted "
+                       "once the model is saved, unless --keep-checkpoint.")
+    prune.add_argument("--keep-checkpoint", action="store_true", help="Keep the --checkpoint-dir after the model is "
+                       "saved.")
     prune.add_argument("--blocks-path", default=None, help="Attribute path of the decoder blocks, e.g. model.layers.")
     _add_eval_flags(prune, "--eval", None, "Comma-separated datasets to evaluate before and after pruning "
                     "(wikitext2, c4, ptb, a local file or a Hub id).")
@@ -178,7 +191,9 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     _add_task_flags(evaluate)
     evaluate.add_argument("--latency", action="store_true", help="Also measure prefill and decode tokens/s.")
     _add_latency_flags(evaluate)
-    evaluate.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    evaluate.add_argument("--json", default=None, help="Also write the results to this JSON file (a new file, or one "
+                          "an earlier eval wrote, unless --overwrite).")
+    evaluate.add_argument("--overwrite", action="store_true", help="Let --json replace any existing file.")
     evaluate.add_argument("--update-card", action="store_true", help="Record the results in the model folder's "
                           "pruning_report.json and model card (a folder saved by optimum-recon).")
     evaluate.set_defaults(recon_handler=run_eval)
@@ -193,7 +208,8 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     compare.add_argument("--no-latency", action="store_true", help="Skip the prefill/decode speed measurement.")
     _add_latency_flags(compare)
     compare.add_argument("--output", default="comparison", help="Folder for comparison.json, comparison.md and "
-                         "the PNG plots.")
+                         "the PNG plots: new, empty, or an earlier comparison.")
+    compare.add_argument("--overwrite", action="store_true", help="Replace an --output folder that holds other files.")
     compare.add_argument("--dtype", default=None, help="Load dtype (default: float32 on CPU, the checkpoint's on GPU).")
     compare.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. auto).")
     compare.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
@@ -212,7 +228,9 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
         generate.add_argument(f"--{name[5:].replace('_', '-')}", dest=name, type=kind,
                               default=field_default(CalibrationConfig, name), help=field_help(CalibrationConfig, name))
     generate.add_argument("--prompts", nargs="+", default=None, help=field_help(CalibrationConfig, "self_prompts"))
-    generate.add_argument("--output", default=None, help="Also save the dataset (input_ids, text) to this folder.")
+    generate.add_argument("--output", default=None, help="Also save the dataset (input_ids, text) to this folder "
+                          "(new, empty, or one it wrote before).")
+    generate.add_argument("--overwrite", action="store_true", help="Replace an --output folder that holds other files.")
     generate.set_defaults(recon_handler=run_generate)
 
 
@@ -242,7 +260,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
 def _load(args: argparse.Namespace, config: PruningConfig | None = None):
     from .pruner import ReconPruner
 
-    kwargs: dict[str, Any] = {"dtype": args.dtype, "device_map": args.device_map}
+    kwargs: dict[str, Any] = {"dtype": args.dtype, "device_map": args.device_map,
+                              "allow_missing_weights": args.allow_missing_weights}
     if args.trust_remote_code:
         kwargs["trust_remote_code"] = True
     return ReconPruner.from_pretrained(args.model, config, blocks_path=getattr(args, "blocks_path", None), **kwargs)
@@ -253,8 +272,46 @@ def _eval_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 progress=not args.no_progress)
 
 
-def run_prune(args: argparse.Namespace) -> int:
+def _check_eval_data(datasets: list[str]) -> None:
+    """Read each local evaluation file now (cheap), so that a bad one fails before the model is loaded."""
+    from .data.sources import check_source, load_eval_text, looks_local
+
+    for name in datasets:
+        check_source(name)
+        if os.path.exists(name) or looks_local(name):
+            load_eval_text(name)
+
+
+def _preflight_prune(args: argparse.Namespace) -> tuple[PruningConfig, str]:
+    """Everything `prune` can check before the model is loaded: the recipe, the folders, the device, the dtype and
+    the evaluation data (the calibration data is read by `ReconPruner.from_pretrained`, before the weights)."""
+    from .folders import check_output_dir
+    from .modeling.offload import check_device
+    from .pruner import parse_dtype, resolve_model_path
+
     config = config_from_args(args)
+    parse_dtype(args.dtype)
+    check_device(args.device)
+    model_path = resolve_model_path(args.model)
+    model_folder = model_path if os.path.isdir(model_path) else None
+    if args.output:
+        check_output_dir(args.output, kind="model", overwrite=args.overwrite, what="--output",
+                         protect=[model_folder, args.checkpoint_dir])
+    if args.checkpoint_dir:
+        from .engine.checkpoint import is_checkpoint_file
+
+        check_output_dir(args.checkpoint_dir, kind="checkpoint", protect=[model_folder, args.output],
+                         what="--checkpoint-dir", flag="another --checkpoint-dir", owned=is_checkpoint_file)
+    if args.activation_folder and os.path.isfile(args.activation_folder):
+        raise ValueError(f"--activation-folder {args.activation_folder!r} is a file: pass a folder.")
+    if args.push_to_hub and not args.output:
+        logger.info("--push-to-hub without --output: the model is saved to a temporary folder first")
+    _check_eval_data([d for d in (args.eval or "").split(",") if d])
+    return config, model_path
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    config, _ = _preflight_prune(args)
     pruner = _load(args, config)
     datasets = [d for d in (args.eval or "").split(",") if d]
     if datasets:
@@ -264,19 +321,55 @@ def run_prune(args: argparse.Namespace) -> int:
     if datasets:
         pruner.evaluate(datasets, **_eval_kwargs(args))
     print(report.summary())
-    for name, values in report.perplexity.items():
-        print(f"{name}: dense perplexity {values.get('dense', float('nan')):.3f} -> pruned "
-              f"{values.get('pruned', float('nan')):.3f}")
+    saved = None
     if args.output:
-        path = pruner.save_pretrained(args.output)
-        print(f"saved to {path}")
+        saved = pruner.save_pretrained(args.output, overwrite=args.overwrite)
+        print(f"saved to {saved}")
     if args.push_to_hub:
         commit = pruner.push_to_hub(args.push_to_hub, private=args.private or None)
         print(f"pushed to {args.push_to_hub}: {getattr(commit, 'commit_url', commit)}")
+    if args.checkpoint_dir:
+        _finish_checkpoint(args.checkpoint_dir, keep=args.keep_checkpoint or not (saved or args.push_to_hub))
     return 0
 
 
+def _finish_checkpoint(folder: str, keep: bool) -> None:
+    """The checkpoint of a finished run is no longer needed once the model is saved: say so, or delete it."""
+    from .engine.checkpoint import remove_checkpoint
+    from .folders import folder_size
+    from .modeling.offload import human_size
+
+    if not os.path.isdir(folder) or int(os.environ.get("RANK", "0")) != 0:
+        return
+    if keep:
+        print(f"the checkpoint folder {folder} ({human_size(folder_size(folder))}) holds the finished run; delete it "
+              "when you no longer need it (without --keep-checkpoint, a saved run deletes it).")
+        return
+    print(f"deleted the finished run's checkpoint folder {folder} ({human_size(remove_checkpoint(folder))} freed).")
+
+
+def _check_json_output(path: str, overwrite: bool) -> None:
+    """``--json``: a new file, or one that an earlier `eval --json` wrote (a user's file is never replaced)."""
+    if overwrite or not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ValueError(f"--json {path!r}: the folder {parent!r} does not exist.")
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path!r} is a folder: name a file.")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            ours = set(json.load(fh)) >= {"model", "results"}
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"--json {path!r} already exists and was not written by optimum-recon eval; choose another "
+                         "file, or pass --overwrite to replace it.")
+
+
 def run_eval(args: argparse.Namespace) -> int:
+    from .pruner import parse_dtype, resolve_model_path
+
     datasets = _datasets(args.dataset) if args.dataset is not None else (
         [] if args.tasks or args.latency else ["wikitext2"])
     if not datasets and not args.tasks and not args.latency:
@@ -285,6 +378,13 @@ def run_eval(args: argparse.Namespace) -> int:
         from .evaluation.zero_shot import require_lm_eval
 
         require_lm_eval()  # before the model load
+    parse_dtype(args.dtype)
+    if args.json:
+        _check_json_output(args.json, args.overwrite)
+    if args.update_card and not os.path.isfile(os.path.join(resolve_model_path(args.model), "pruning_config.json")):
+        raise ValueError(f"--update-card needs a folder saved by optimum-recon; {args.model!r} has no "
+                         "pruning_config.json.")
+    _check_eval_data(datasets)
     pruner = _load(args)
     output: dict[str, Any] = {"model": args.model, "results": {}}
     for name, result in pruner.evaluate(datasets, **_eval_kwargs(args)).items():
@@ -322,14 +422,17 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from .evaluation.compare import compare_models
+    from .pruner import parse_dtype
 
+    parse_dtype(args.dtype)
+    _check_eval_data(_datasets(args.datasets))
     comparison = compare_models(
         [None if m == "bundled" else m for m in args.models], names=args.names, datasets=_datasets(args.datasets),
         tasks=args.tasks, limit=_limit(args.limit), num_fewshot=args.num_fewshot, task_batch_size=args.task_batch_size,
         include_path=args.include_path, eval_seq_len=args.eval_seq_len,
         eval_max_tokens=args.eval_max_tokens, eval_batch_size=args.eval_batch_size, latency=not args.no_latency,
         latency_kwargs=_latency_kwargs(args), dtype=args.dtype, device_map=args.device_map, output_dir=args.output,
-        progress=not args.no_progress)
+        overwrite=args.overwrite, progress=not args.no_progress)
     print(comparison.to_markdown())
     print(f"written to {args.output}/ (comparison.json, comparison.md, plots)")
     return 0
@@ -344,6 +447,56 @@ def _configure_logging(verbose: bool) -> None:
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+@contextlib.contextmanager
+def _one_line_warnings(verbose: bool) -> Iterator[None]:
+    """Show each warning once, as one line (``optimum-recon: warning: ...``) instead of Python's form with the
+    library's source path and line under it; ``-v`` keeps Python's form."""
+    if verbose:
+        yield
+        return
+    shown: set[str] = set()
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message).strip()
+        if text in shown:
+            return
+        shown.add(text)
+        label = "warning" if issubclass(category, UserWarning) else category.__name__
+        print(f"optimum-recon: {label}: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user's input or environment causes: printed as one line (a traceback with -v)."""
+    import torch
+
+    from .reconstruction.training import NonFiniteTrainingError
+
+    return (ValueError, OSError, ImportError, NotImplementedError, HubUploadError, NonFiniteTrainingError,
+            torch.linalg.LinAlgError, torch.cuda.OutOfMemoryError)
+
+
+def _error_line(err: BaseException) -> str:
+    import torch
+
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in text:
+        text += f": {err.filename}"
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        text = ("out of memory on the accelerator: use a smaller --batch-size, --gradient-checkpointing, "
+                "--train-dtype bfloat16, or --device-map auto with --activation-offload disk (" + text.splitlines()[0]
+                + ")")
+    elif isinstance(err, torch.linalg.LinAlgError):
+        text += " Raise --dampening (e.g. 0.1) or check the calibration data."
+    return " ".join(text.split())  # one line, whatever the message
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from .data.self_generate import load_or_generate, save_dataset
 
@@ -351,11 +504,15 @@ def run_generate(args: argparse.Namespace) -> int:
                             seq_len=args.seq_len, seed=args.seed, self_temperature=args.self_temperature,
                             self_top_k=args.self_top_k, self_top_p=args.self_top_p, self_on_eos=args.self_on_eos,
                             self_batch_size=args.self_batch_size, self_prompts=args.prompts)
+    if args.output:
+        from .folders import check_output_dir
+
+        check_output_dir(args.output, kind="dataset", overwrite=args.overwrite, what="--output")
     pruner = _load(args)
     dataset = load_or_generate(pruner.model, pruner.tokenizer, cal, progress=not args.no_progress)
     print(f"{len(dataset)} sequences of {args.seq_len} tokens; first: {dataset[0]['text'][:200]!r}")
     if args.output:
-        print(f"saved to {save_dataset(dataset, args.output)}")
+        print(f"saved to {save_dataset(dataset, args.output, overwrite=args.overwrite)}")
     print(f"use them with: optimum-recon prune --calibration c4+self:{args.num_samples} --seq-len {args.seq_len} "
           f"--seed {args.seed} (the cache is reused when the model, seed and settings match)")
     return 0
@@ -368,15 +525,23 @@ def run_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
         if parser is not None:
             parser.print_help()
         return 2
-    _configure_logging(getattr(args, "verbose", False))
+    verbose = getattr(args, "verbose", False)
+    _configure_logging(verbose)
     # Under torchrun / accelerate launch every rank runs this command; rank 0 prints the results.
     quiet = int(os.environ.get("RANK", "0")) != 0
     try:
         with open(os.devnull, "w") as devnull, (contextlib.redirect_stdout(devnull) if quiet
-                                                 else contextlib.nullcontext()):
+                                                 else contextlib.nullcontext()), _one_line_warnings(verbose):
             return handler(args)
-    except (ValueError, FileNotFoundError, OSError, ImportError, NotImplementedError, HubUploadError) as err:
-        print(f"optimum-recon: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        hint = " (run the same command again to resume from --checkpoint-dir)" if getattr(
+            args, "checkpoint_dir", None) else ""
+        print(f"\noptimum-recon: interrupted; nothing was saved that was not complete{hint}.", file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        if verbose:
+            traceback.print_exc()
+        print(f"optimum-recon: error: {_error_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,7 @@ bad value and what is allowed. ``PruningConfig`` round-trips through one version
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -115,11 +116,18 @@ class CalibrationConfig:
         self._parse_source()
         _check_choice("calibration self_use", self.self_use, ("reconstruction", "all"))
         _check_choice("calibration self_on_eos", self.self_on_eos, ("continue", "resample"))
-        if not self.self_temperature > 0 or not 0 < self.self_top_p <= 1 or self.self_top_k < 0:
-            raise ValueError(
-                f"calibration sampling settings are not valid (temperature={self.self_temperature!r} must be > 0, "
-                f"top_p={self.self_top_p!r} in (0, 1], top_k={self.self_top_k!r} >= 0)."
-            )
+        _check_number("calibration self_temperature", self.self_temperature, 0, None, low_open=True,
+                      example="1.0")
+        _check_number("calibration self_top_p", self.self_top_p, 0, 1, low_open=True, example="0.95")
+        top_k = self.self_top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"calibration self_top_k={top_k!r} is not valid: it must be an integer >= 0 (0: off).")
+        prompts = self.self_prompts
+        if prompts is not None and (not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts)):
+            raise ValueError(f"calibration self_prompts={prompts!r} is not valid: give a list of texts.")
+        for name in ("text_column", "split"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"calibration {name}={getattr(self, name)!r} is not valid: it must be a string.")
         batch = self.self_batch_size
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"calibration self_batch_size={self.self_batch_size!r} must be a positive integer.")
@@ -230,8 +238,7 @@ class PruningConfig:
         _check_choice("method", self.method, sorted(MASK_METHODS))
         _check_choice("reconstruction", self.reconstruction, sorted(RECONSTRUCTIONS))
         _check_choice("propagation", self.propagation, PROPAGATIONS)
-        if not 0 <= self.dampening < 1:
-            raise ValueError(f"dampening={self.dampening!r} is not valid: use a small fraction such as 0.01.")
+        _check_number("dampening", self.dampening, 0, 1, high_open=True, example="0.01")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"block_size={self.block_size!r} is not valid: it must be a positive integer.")
         for name in ("targets", "ignore"):
@@ -243,17 +250,20 @@ class PruningConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} is not valid: it must be an integer >= {low}.")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} is not valid: the learning rate must be > 0 (e.g. 2e-4).")
-        betas = tuple(self.adam_betas)
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        # AdamW moves each weight by about lr per step whatever the gradient: above 1 nothing sensible is left
+        _check_number("lr", self.lr, 0, 1, low_open=True, example="2e-4")
+        betas = self.adam_betas
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
             raise ValueError(f"adam_betas={self.adam_betas!r} is not valid: two numbers in [0, 1), e.g. (0.9, 0.95).")
+        for i, beta in enumerate(betas):
+            _check_number(f"adam_betas[{i}]", beta, 0, 1, high_open=True, example="0.9")
         self.adam_betas = (float(betas[0]), float(betas[1]))
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} is not valid: it must be >= 0.")
+        _check_number("weight_decay", self.weight_decay, 0, 1, example="0.0")
         _check_choice("train_dtype", self.train_dtype, ("float32", "bfloat16", "float16"))
-        if self.lora_alpha is not None and not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} is not valid: it must be > 0.")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing={self.gradient_checkpointing!r} is not valid: true or false.")
+        if self.lora_alpha is not None:
+            _check_number("lora_alpha", self.lora_alpha, 0, None, low_open=True, example="16")
 
     def _validate_sparsity(self) -> None:
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
@@ -282,6 +292,9 @@ class PruningConfig:
         if isinstance(value, str):
             value = [value]
             setattr(self, name, value)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+            raise ValueError(f"{name}={value!r} is not valid: give a list of regular expressions (strings).")
+        setattr(self, name, list(value))
         for pattern in value:
             try:
                 re.compile(pattern)
@@ -301,20 +314,37 @@ class PruningConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PruningConfig":
-        """Build a config from a dict, dropping (with a warning) keys this version does not know."""
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> "PruningConfig":
+        """Build a config from a dict, dropping (with a warning) keys this version does not know.
+
+        ``source`` names the file in messages. A recipe written by a newer optimum-recon is read with a warning.
+        """
+        where = f"the recipe {source!r}" if source else "the recipe"
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} is a JSON {type(data).__name__}, not an object of settings: it is not a "
+                             f"{CONFIG_NAME} written by optimum-recon.")
         data = dict(data)
-        data.pop("optimum_recon_version", None)
-        calibration, unknown_calibration = _split_known(CalibrationConfig, data.pop("calibration", {}) or {})
+        version = data.pop("optimum_recon_version", None)
+        if _newer(version, __version__):
+            warnings.warn(f"{where} was written by optimum-recon {version}, newer than this {__version__}: "
+                          "settings it added are ignored and the result may differ; upgrade optimum-recon.",
+                          stacklevel=2)
+        calibration = data.pop("calibration", {}) or {}
+        if not isinstance(calibration, dict):
+            raise ValueError(f"{where}: 'calibration' must be an object of settings, not {calibration!r}.")
+        calibration, unknown_calibration = _split_known(CalibrationConfig, calibration)
         kwargs, unknown = _split_known(cls, data)
         unknown += [f"calibration.{key}" for key in unknown_calibration]
         if unknown:
             warnings.warn(
-                f"Ignoring {', '.join(unknown)} in {CONFIG_NAME}: written by a newer optimum-recon; upgrade to use "
+                f"Ignoring {', '.join(unknown)} in {where}: written by a newer optimum-recon; upgrade to use "
                 "these settings.",
                 stacklevel=2,
             )
-        return cls(**kwargs, calibration=CalibrationConfig(**calibration))
+        try:
+            return cls(**kwargs, calibration=CalibrationConfig(**calibration))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         """Write `pruning_config.json` into `save_directory` and return its path."""
@@ -339,13 +369,42 @@ class PruningConfig:
             path = hf_hub_download(path, CONFIG_NAME, **hub_kwargs)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No {CONFIG_NAME} found at {path!r}: is this a model pruned with optimum-recon?")
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"the recipe {path!r} is not valid JSON: {err.msg} at line {err.lineno}, column "
+                             f"{err.colno}.") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"the recipe {path!r} is not a text file: it is not a {CONFIG_NAME}.") from None
+        return cls.from_dict(data, source=path)
+
+
+def _check_number(name: str, value: Any, low: float, high: float | None, *, low_open: bool = False,
+                  high_open: bool = False, example: str) -> None:
+    """``value`` must be a finite real number in the interval; the message names the field and the range."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    inside = number and math.isfinite(value) and (value > low if low_open else value >= low) and (
+        high is None or (value < high if high_open else value <= high))
+    if not inside:
+        interval = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}'}"
+        interval += "" if high is None else (")" if high_open else "]")
+        raise ValueError(f"{name}={value!r} is not valid: it must be a finite number in {interval} (e.g. {example}).")
 
 
 def _check_choice(name: str, value: Any, allowed: Any) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not valid: choose one of {', '.join(map(repr, allowed))}.")
+
+
+def _newer(version: Any, current: str) -> bool:
+    """Whether ``version`` (from a file) is a release newer than ``current``."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return version is not None and Version(str(version)) > Version(current)
+    except InvalidVersion:
+        return False
 
 
 def _split_known(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

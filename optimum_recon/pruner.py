@@ -19,6 +19,7 @@ from .data.default_model import DEFAULT_MODEL_NAME, default_model_path
 from .data.sources import check_source
 from .engine.sequential import prune_model
 from .evaluation import PerplexityResult, evaluate_perplexity
+from .folders import check_output_dir
 from .modeling.blocks import find_blocks
 from .modeling.offload import check_max_memory, check_offload_folder
 from .report import PruningReport
@@ -41,7 +42,17 @@ def resolve_model_path(model_id_or_path: str | None) -> str:
     if model_id_or_path is None:
         return default_model_path()
     path = os.path.expanduser(str(model_id_or_path))
-    if _looks_local(path) and not os.path.isdir(path):
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"model folder {model_id_or_path!r} has no config.json: it is not a transformers model folder (one "
+                "written by save_pretrained, with config.json and the weights)."
+            )
+        return path
+    if os.path.isfile(path):
+        raise FileNotFoundError(f"model path {model_id_or_path!r} is a file: pass the folder that holds config.json "
+                                "and the weights, or a Hub model id.")
+    if _looks_local(path):
         raise FileNotFoundError(
             f"model path {model_id_or_path!r} does not exist: pass a folder with config.json and weights, or a Hub "
             "model id such as 'HuggingFaceTB/SmolLM2-135M'."
@@ -49,23 +60,101 @@ def resolve_model_path(model_id_or_path: str | None) -> str:
     return path
 
 
-def load_model_and_tokenizer(model_id_or_path: str, dtype: Any = None, **kwargs: Any):
-    """Load a causal LM and its tokenizer with transformers; clear errors when that is impossible."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_model_exists(path: str, trust_remote_code: bool = False) -> None:
+    """Fail in seconds when ``path`` (from `resolve_model_path`) is a Hub id that cannot be reached: only its
+    config is fetched (or read from the cache), not the weights."""
+    if os.path.isdir(path):
+        return
+    from transformers import AutoConfig
 
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise OSError(
+            f"could not load model {path!r}: it is not a local folder, and it could not be fetched from the Hub "
+            f"(offline, private, or misspelled?). Original error: {str(err).splitlines()[0]}"
+        ) from err
+
+
+class ModelLoadError(ValueError):
+    """The loaded model is not the checkpoint: weights missing from the files, or files holding other weights."""
+
+
+def parse_dtype(dtype: Any) -> Any:
+    """``None``, ``"auto"``, a `torch.dtype` or its name (``"bfloat16"``); anything else is a clear error."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None) if isinstance(dtype, str) else None
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not valid: choose float32, bfloat16, float16 or auto.")
+    return value
+
+
+def _check_loading_info(model_id_or_path: str, info: dict, model: Any) -> None:
+    missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+    if not missing and not unexpected:
+        return
+    parts = []
+    for label, keys in (("missing from the checkpoint", missing), ("in the checkpoint but not in the model",
+                                                                     unexpected)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            parts.append(f"{len(keys)} weights {label} ({shown})")
+    raise ModelLoadError(
+        f"{model_id_or_path!r} does not hold the weights of the {type(model).__name__} its config.json describes: "
+        f"{'; '.join(parts)}. Pruning it would prune randomly initialised weights. Check that config.json and the "
+        "weight files belong together; pass allow_missing_weights=True (--allow-missing-weights) if this is "
+        "intended."
+    )
+
+
+def load_model(model_id_or_path: str, dtype: Any = None, *, allow_missing_weights: bool = False, **kwargs: Any):
+    """Load a causal LM with transformers; clear errors when that is impossible.
+
+    Raises:
+        ModelLoadError: when weights of the model are missing from the files or the files hold weights the model
+            does not have (a config beside another model's weights), unless ``allow_missing_weights``.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    dtype = parse_dtype(dtype)
     if dtype is None:  # fp32 on CPU (fast and exact there), the checkpoint's dtype on an accelerator
         dtype = "auto" if torch.cuda.is_available() else torch.float32
-    elif isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
+    verbosity = hf_logging.get_verbosity()
+    if not allow_missing_weights:  # transformers' own table of the same keys would come before our one-line error
+        hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_id_or_path, dtype=dtype, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(model_id_or_path, dtype=dtype, output_loading_info=True,
+                                                           **kwargs)
     except OSError as err:
-        raise OSError(
-            f"could not load model {model_id_or_path!r}: it is not a local folder with a model, and it could not be "
-            f"fetched from the Hub (offline, private, or misspelled?). Original error: {err}"
-        ) from err
-    tokenizer = AutoTokenizer.from_pretrained(model_id_or_path,
-                                              trust_remote_code=kwargs.get("trust_remote_code", False))
+        local = os.path.isdir(model_id_or_path)
+        where = ("the folder's files could not be read as a model" if local else "it is not a local folder, and it "
+                 "could not be fetched from the Hub (offline, private, or misspelled?)")
+        raise OSError(f"could not load model {model_id_or_path!r}: {where}. Original error: {err}") from err
+    except ValueError as err:  # e.g. a config whose model type has no causal-LM class
+        raise ModelLoadError(f"could not load model {model_id_or_path!r} as a causal language model: {err}") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not allow_missing_weights:
+        _check_loading_info(str(model_id_or_path), info, model)
+    return model
+
+
+def load_tokenizer(model_id_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_id_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise OSError(f"could not load the tokenizer of {model_id_or_path!r}: {str(err).splitlines()[0]}") from err
+
+
+def load_model_and_tokenizer(model_id_or_path: str, dtype: Any = None, *, allow_missing_weights: bool = False,
+                             **kwargs: Any):
+    """The tokenizer (first: it is cheap and fails fast) and the model of ``model_id_or_path`` (`load_model`)."""
+    tokenizer = load_tokenizer(model_id_or_path, kwargs.get("trust_remote_code", False))
+    model = load_model(model_id_or_path, dtype, allow_missing_weights=allow_missing_weights, **kwargs)
     return model, tokenizer
 
 
@@ -99,6 +188,15 @@ def _recorded_warnings() -> Iterator[list[str]]:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def _external_windows(tokenizer, config: PruningConfig) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The calibration and held-out windows of the external (not self-generated) part of the calibration data."""
+    cal = config.calibration
+    if cal.external_source is None:
+        return None
+    external = dataclasses.replace(cal, source=cal.external_source)
+    return sample_calibration_windows(tokenizer, external, with_heldout=True)
+
+
 class ReconPruner:
     """Prune a causal language model block by block and reconstruct it.
 
@@ -125,6 +223,7 @@ class ReconPruner:
         self.model_id = model_id
         self.blocks_path = blocks_path
         self.report: PruningReport | None = None
+        self.source_folder: str | None = None  # the local folder the model was loaded from: never written
         self._dense_perplexity: dict[str, float] = {}
         self._dense_zero_shot: dict[str, float] = {}
 
@@ -139,11 +238,18 @@ class ReconPruner:
         max_memory: dict | None = None,
         offload_folder: str | None = None,
         blocks_path: str | None = None,
+        allow_missing_weights: bool = False,
+        read_calibration: bool = True,
         **model_kwargs: Any,
     ) -> "ReconPruner":
         """Load a model from the Hub or a local folder (the bundled SmolLM2-135M-Instruct when omitted).
 
-        `device_map`, `max_memory` and `offload_folder` are passed to `from_pretrained`.
+        `device_map`, `max_memory` and `offload_folder` are passed to `from_pretrained`. Everything that can be
+        checked without the weights is checked before they are loaded: the dtype, the folders, the tokenizer, and
+        the calibration data (read and cut into windows here, so a bad file fails in seconds, not after loading a
+        70B model; ``read_calibration=False`` skips this when you will pass your own data to `prune`). Weights
+        missing from the checkpoint, or weights in it that the model does not have, are an error (`ModelLoadError`)
+        unless ``allow_missing_weights``.
 
         Launched with `torchrun` or `accelerate launch`, every process joins the process group here and loads its
         own copy (leave ``device_map`` unset: each rank runs its blocks on its own GPU); an ``offload_folder`` gets
@@ -151,9 +257,11 @@ class ReconPruner:
         """
         dist.init_distributed()
         config = config if config is not None else PruningConfig()
+        dtype = parse_dtype(dtype)
         if config.calibration.external_source is not None:  # fail before the (possibly long) model load
             check_source(config.calibration.external_source)
         path = resolve_model_path(model_id_or_path)
+        check_model_exists(path, model_kwargs.get("trust_remote_code", False))
         if offload_folder is not None:
             if dist.is_distributed():
                 offload_folder = os.path.join(offload_folder, f"rank{dist.rank()}")
@@ -163,9 +271,15 @@ class ReconPruner:
         for key, value in (("device_map", device_map), ("max_memory", max_memory), ("offload_folder", offload_folder)):
             if value is not None:
                 model_kwargs[key] = value
-        model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, **model_kwargs)
+        tokenizer = load_tokenizer(path, model_kwargs.get("trust_remote_code", False))
+        with _recorded_warnings() as notes:
+            windows = _external_windows(tokenizer, config) if read_calibration else None
+        model = load_model(path, dtype=dtype, allow_missing_weights=allow_missing_weights, **model_kwargs)
         model_id = DEFAULT_MODEL_NAME if model_id_or_path is None else str(model_id_or_path)
-        return cls(model, tokenizer, config, model_id=model_id, blocks_path=blocks_path)
+        pruner = cls(model, tokenizer, config, model_id=model_id, blocks_path=blocks_path)
+        pruner.source_folder = path if os.path.isdir(path) else None
+        pruner._prepared = (dataclasses.asdict(config.calibration), windows, notes)
+        return pruner
 
     def calibration_ids(
         self, data: Sequence[str] | torch.Tensor | None = None, *, progress: bool = False
@@ -181,9 +295,12 @@ class ReconPruner:
         if data is not None:
             return sample_calibration_windows(self.tokenizer, cal, list(data), with_heldout=True)
         ids, heldout = None, None
-        if cal.external_source is not None:
-            external = dataclasses.replace(cal, source=cal.external_source)
-            ids, heldout = sample_calibration_windows(self.tokenizer, external, with_heldout=True)
+        prepared = getattr(self, "_prepared", None)
+        if prepared is not None and prepared[0] == dataclasses.asdict(cal) and prepared[1] is not None:
+            ids, heldout = prepared[1]  # read before the model was loaded (its notes were shown then)
+            self._early_notes = prepared[2]
+        elif cal.external_source is not None:
+            ids, heldout = _external_windows(self.tokenizer, self.config)
         if cal.self_samples:
             from .data.self_generate import load_or_generate
 
@@ -227,15 +344,21 @@ class ReconPruner:
         """
         if self.report is not None:
             raise RuntimeError("this model is already pruned; load it again to prune with other settings.")
+        if checkpoint_dir is not None:
+            check_output_dir(checkpoint_dir, kind="checkpoint", protect=[self.source_folder], what="checkpoint_dir",
+                             flag="another folder")
         with _recorded_warnings() as notes:
             ids, heldout = self.calibration_ids(calibration_data, progress=progress)
+            self._interrupted = True  # until prune_model returns: the weights in memory are half pruned
             report = prune_model(
                 self.model, self.config, ids, heldout_ids=heldout, device=device, blocks_path=self.blocks_path,
                 progress=progress, statistics_samples=self._statistics_samples(ids, calibration_data),
                 checkpoint_dir=checkpoint_dir, activation_offload=activation_offload,
                 activation_folder=activation_folder,
             )
-        report.notes = list(dict.fromkeys(notes))  # e.g. "c4 could not be loaded from the Hub; using ..."
+            self._interrupted = False
+        # e.g. "c4 could not be loaded from the Hub; using ...", shown when the data was read
+        report.notes = list(dict.fromkeys(getattr(self, "_early_notes", []) + notes))
         cal = self.config.calibration
         generated = cal.self_samples if calibration_data is None else 0
         report.calibration = {
@@ -309,14 +432,31 @@ class ReconPruner:
                 self.report.zero_shot.setdefault(name, {})["pruned"] = result.accuracy
         return results
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any):
-        """Save weights (safetensors, zeros kept), tokenizer, recipe, report and model card, atomically."""
+    def check_output(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Raise `OutputFolderError` now if `save_pretrained` would refuse ``save_directory`` (call it before
+        `prune` to fail in seconds rather than after the prune)."""
+        return check_output_dir(save_directory, kind="model", overwrite=overwrite, protect=[self.source_folder])
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any):
+        """Save weights (safetensors, zeros kept), tokenizer, recipe, report and model card, atomically.
+
+        ``save_directory`` must be new, empty, or a model folder optimum-recon saved before; any other folder is
+        refused (`OutputFolderError`) unless ``overwrite=True``, and the folder the model was loaded from (or one
+        containing it) always is.
+
+        Raises:
+            RuntimeError: when `prune` was interrupted or failed: the weights in memory are then half pruned.
+        """
         from .hub.save import save_pruned_model
 
+        if getattr(self, "_interrupted", False):
+            raise RuntimeError("prune() did not finish (it failed or was interrupted), so the model in memory is "
+                               "half pruned and is not saved. Run it again (with checkpoint_dir to resume).")
         # every rank holds the same model: rank 0 writes it, the others wait (and fail if it fails)
         path = dist.run_on_main(
             save_pruned_model, self.model, self.tokenizer, self.config, self.report, save_directory,
-            base_model=self.model_id, blocks_path=self.blocks_path, **kwargs
+            base_model=self.model_id, blocks_path=self.blocks_path, overwrite=overwrite,
+            protect=(self.source_folder,), **kwargs
         )
         self._saved_to = path
         return path

@@ -146,6 +146,6 @@ class PruningReport:
                 row += f" {b.heldout_error:>10.4g} {b.heldout_error_normalized:>9.3g}"
             lines.append(row + f" {b.seconds:>7.1f}")
         for name, values in self.perplexity.items():
-            pairs = ", ".join(f"{k} {v:.3f}" for k, v in values.items())
-            lines.append(f"perplexity {name}: {pairs}")
+            pairs = " -> ".join(f"{k} {values[k]:.3f}" for k in ("dense", "pruned") if values.get(k) is not None)
+            lines.append(f"{name} perplexity: {pairs}")
         return "\n".join(lines)

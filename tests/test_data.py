@@ -54,7 +54,7 @@ def test_local_formats(tmp_path):
     assert load_documents(str(tmp_path / "d.parquet")) == expected
     assert load_documents(str(tmp_path / "saved")) == expected
     assert load_documents(str(tmp_path / "d.txt")) == ["document 0", "document 1", "", "document 3"]
-    with pytest.raises(DataSourceError, match="no text column 'body'"):
+    with pytest.raises(DataSourceError, match="no column 'body'"):
         load_documents(str(tmp_path / "d.jsonl"), text_column="body")
 
 

@@ -177,7 +177,7 @@ def test_interrupted_then_resumed_run_equals_the_straight_run(tmp_path, monkeypa
         assert got.reconstruction == want.reconstruction and got.layers == want.layers
     # what is left is the last checkpoint's files only: no step's activations pile up
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted(
-        [f"block-{j}.safetensors" for j in range(4)] + ["activations-4.pt", "state.json"])
+        [f"block-{j}.safetensors" for j in range(4)] + ["activations-4.pt", "state.json", ".optimum-recon.json"])
     with pytest.raises(ValueError, match="another recipe"):
         prune_model(make_tiny_model("qwen2"), PruningConfig(method="wanda"), _ids(), progress=False,
                     checkpoint_dir=tmp_path / "ck")

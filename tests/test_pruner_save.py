@@ -81,7 +81,7 @@ def test_unreachable_hub_model_is_a_clear_error():
 
 
 def test_prune_from_a_list_of_texts(tiny_model_dir):
-    pruner = ReconPruner.from_pretrained(str(tiny_model_dir), config=PruningConfig(
+    pruner = ReconPruner.from_pretrained(str(tiny_model_dir), read_calibration=False, config=PruningConfig(
         method="wanda", calibration=CalibrationConfig(num_samples=4, seq_len=16)))
     report = pruner.prune(["the quick brown fox jumps over the lazy dog " * 10] * 3, progress=False)
     assert report.num_calibration_tokens == 64
@@ -92,9 +92,9 @@ def test_prune_from_a_list_of_texts(tiny_model_dir):
 def test_data_fallbacks_are_recorded_in_the_report_and_card(tiny_model_dir, tmp_path):
     config = PruningConfig(method="magnitude", reconstruction="layer",
                            calibration=CalibrationConfig(source="c4", num_samples=2, seq_len=16))
-    pruner = ReconPruner.from_pretrained(str(tiny_model_dir), config=config)
-    with pytest.warns(UserWarning, match="bundled"):
-        report = pruner.prune(progress=False)
+    with pytest.warns(UserWarning, match="bundled"):  # shown when the data is read, before the model is loaded
+        pruner = ReconPruner.from_pretrained(str(tiny_model_dir), config=config)
+    report = pruner.prune(progress=False)
     assert any("using the copy bundled with optimum-recon" in note for note in report.notes)
     out = pruner.save_pretrained(tmp_path / "out")
     assert "Notes from the run" in (out / "README.md").read_text()

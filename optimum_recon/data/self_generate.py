@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -199,24 +197,19 @@ def load_or_generate(
     dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "text": texts})
     dataset.info.description = json.dumps({"generator": "optimum-recon", "key": key, "settings": settings})
     if sample_filter is None:
-        dist.run_on_main(save_dataset, dataset, target)
+        dist.run_on_main(save_dataset, dataset, target, overwrite=True)  # our own cache entry
     return dataset
 
 
-def save_dataset(dataset, target: str | os.PathLike) -> Path:
-    """Save ``dataset`` to ``target`` atomically; a folder that cannot be written gets a clear error."""
-    target = Path(target)
+def save_dataset(dataset, target: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save ``dataset`` to ``target`` atomically, under the output-folder contract (`folders.py`): ``target`` must
+    be new, empty or a dataset folder optimum-recon wrote, unless ``overwrite``."""
+    from ..folders import OutputFolderError, atomic_directory
+
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    except OSError as err:
-        raise OSError(f"cannot write self-generated calibration data under {target.parent}: {err}. Set "
-                      "OPTIMUM_RECON_CACHE (or --output) to a writable folder.") from err
-    try:
-        dataset.save_to_disk(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        with atomic_directory(target, kind="dataset", overwrite=overwrite, what="self-generated data folder") as tmp:
+            dataset.save_to_disk(str(tmp))
+    except (PermissionError, OutputFolderError) as err:
+        raise OSError(f"cannot write self-generated calibration data: {err} Set OPTIMUM_RECON_CACHE (or --output) "
+                      "to a writable folder.") from err
+    return Path(target)

@@ -51,6 +51,21 @@ class DataSourceError(ValueError):
 
 def _read_local(path: str, text_column: str | None) -> list[str]:
     """Documents of a local file or saved dataset folder. Text files are one document per line group."""
+    try:
+        return _read_local_unchecked(path, text_column)
+    except UnicodeDecodeError as err:
+        raise DataSourceError(f"{path!r} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                              f"{err.start}): pass a text, JSON Lines or parquet file.") from None
+    except json.JSONDecodeError as err:
+        raise DataSourceError(f"{path!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.") \
+            from None
+    except IsADirectoryError:
+        raise DataSourceError(f"{path!r} is a folder but not a dataset saved with save_to_disk.") from None
+    except PermissionError:
+        raise DataSourceError(f"{path!r} cannot be read: permission denied.") from None
+
+
+def _read_local_unchecked(path: str, text_column: str | None) -> list[str]:
     if os.path.isdir(path):
         import datasets
 
@@ -67,15 +82,30 @@ def _read_local(path: str, text_column: str | None) -> list[str]:
             # One row per line, exactly like the Hub's text loader (empty lines kept as "").
             return fh.read().splitlines()
     if suffix == ".jsonl" or (suffix == ".json" and _looks_like_jsonl(path)):
+        rows = []
         with open(path, encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataSourceError(f"{path!r} line {number} is not valid JSON: {err.msg} (column "
+                                          f"{err.colno}).") from None
+                if not isinstance(rows[-1], dict):
+                    raise DataSourceError(f"{path!r} line {number} is a JSON {type(rows[-1]).__name__}, not an "
+                                          'object: each line must be an object such as {"text": "..."}.')
         return _column(rows, text_column, path)
     import datasets
 
     builder = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
     if builder is None:
         raise DataSourceError(f"unsupported file type {suffix!r} for {path!r}: use one of {', '.join(LOCAL_SUFFIXES)}.")
-    ds = datasets.load_dataset(builder, data_files=path, split="train")
+    try:
+        ds = datasets.load_dataset(builder, data_files=path, split="train")
+    except Exception as err:  # noqa: BLE001 - a malformed file: name it
+        raise DataSourceError(f"{path!r} could not be read as {builder} ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200] if str(err) else ''}).") from err
     return _column(ds, text_column, path)
 
 
@@ -90,13 +120,29 @@ def _column(rows, text_column: str | None, where: str) -> list[str]:
         columns = rows.column_names
         get = lambda col: list(rows[col])  # noqa: E731
     else:
-        columns = list(rows[0].keys()) if rows else []
-        get = lambda col: [r[col] for r in rows]  # noqa: E731
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        get = lambda col: [r.get(col) for r in rows]  # noqa: E731
+    if not len(rows):
+        raise DataSourceError(f"{where!r} holds no rows: it is empty.")
+    fix = "name the column that holds the text with text_column= (--text-column on the command line)"
     if text_column is None:
         text_column = "text" if "text" in columns else ("sentence" if "sentence" in columns else None)
+        if text_column is None:
+            strings = [c for c in columns if any(isinstance(t, str) for t in get(c)[:100])]
+            if len(strings) != 1:
+                found = f"string columns {strings}" if strings else "no string column"
+                raise DataSourceError(f"{where!r} has no 'text' column and {found} (columns: {columns}): {fix}.")
+            text_column = strings[0]
     if text_column not in columns:
-        raise DataSourceError(f"{where!r} has no text column {text_column!r}; columns: {columns}. Pass text_column=...")
-    return [t if isinstance(t, str) else "" for t in get(text_column)]
+        raise DataSourceError(f"{where!r} has no column {text_column!r} (columns: {columns}): {fix}.")
+    texts = get(text_column)
+    if not any(isinstance(t, str) and t for t in texts):
+        raise DataSourceError(f"{where!r}: column {text_column!r} holds no text: {fix}.")
+    missing = sum(1 for t in texts if not isinstance(t, str))
+    if missing:
+        logger.info("%s: %d of %d rows have no text in column %r; they are skipped", where, missing, len(texts),
+                    text_column)
+    return [t if isinstance(t, str) else "" for t in texts]
 
 
 def _from_data_dir(pattern: str, text_column: str) -> list[str] | None:

@@ -12,13 +12,19 @@ rather than mixed in.
 Every save writes new files named by the step and only then replaces `state.json` (atomically), which names
 them; the previous step's files are deleted after that. An interruption at any moment therefore leaves a
 `state.json` whose files are all present and belong to it.
+
+The folder follows the output-folder contract (`folders.py`): it must be new, empty, or a checkpoint folder this
+tool wrote (marked, holding only the files named by `is_checkpoint_file`). `remove_checkpoint` deletes those
+files, and the folder only when nothing else is left in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,8 +33,52 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..configuration import PruningConfig
+from ..folders import MARKER, check_output_dir, read_marker, write_marker
 
 STATE = "state.json"
+# every file a checkpoint folder can hold (per-rank sub-folders in distributed runs; .name-xxxx: an interrupted write)
+_FILES = re.compile(r"^(rank\d+-of-\d+/)?(state\.json|block-\d+\.safetensors|activations-\d+\.pt|window-\d+\.pt"
+                    r"|\.optimum-recon\.json|\.[\w.-]+-[\w]+)$")
+
+
+def is_checkpoint_file(relative: str) -> bool:
+    """Whether a path (relative to a checkpoint folder, POSIX separators) is one a checkpoint writes."""
+    return bool(_FILES.match(relative))
+
+
+def open_checkpoint_dir(folder: str | os.PathLike, protect=()) -> Path:
+    """Check that ``folder`` may hold a checkpoint (new, empty, or one of ours) and mark it as one."""
+    folder = Path(folder).expanduser()
+    if folder.is_dir() and read_marker(folder) is None and (folder / STATE).is_file() and all(
+            is_checkpoint_file(p.relative_to(folder).as_posix()) for p in folder.rglob("*") if p.is_file()):
+        write_marker(folder, "checkpoint", files=[])  # a checkpoint of a version that wrote no marker
+    check_output_dir(folder, kind="checkpoint", protect=protect, what="checkpoint_dir",
+                     flag="a new checkpoint_dir", owned=is_checkpoint_file)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if read_marker(folder) is None:
+            write_marker(folder, "checkpoint", files=[])
+    except OSError as err:
+        raise OSError(f"checkpoint_dir={str(folder)!r} cannot be created ({err}).") from err
+    return folder
+
+
+def remove_checkpoint(folder: str | os.PathLike) -> int:
+    """Delete a finished run's checkpoint files (only those), then the folder if it is left empty; bytes freed."""
+    folder = Path(folder).expanduser()
+    if read_marker(folder) is None or read_marker(folder)["kind"] != "checkpoint":
+        return 0
+    freed = 0
+    files = [p for p in folder.rglob("*") if p.is_file() and is_checkpoint_file(p.relative_to(folder).as_posix())]
+    for path in sorted(files, key=lambda p: p.name == MARKER):  # the marker last
+        freed += path.stat().st_size
+        path.unlink()
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            sub.rmdir()  # only when empty
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    return freed
 
 
 def fingerprint(config: PruningConfig, model, input_ids: torch.Tensor, heldout_ids: torch.Tensor | None) -> str:
@@ -66,21 +116,22 @@ class Checkpointer:
         self.folder = Path(folder).expanduser()
         self.key = key
         self.files: set[str] = set()  # the files state.json names (deleted once a newer save replaces them)
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OSError(f"checkpoint_dir={str(folder)!r} cannot be created ({err}).") from err
+        open_checkpoint_dir(self.folder)
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or None for a fresh folder. Raises when the folder belongs to another run."""
         path = self.folder / STATE
         if not path.is_file():
             return None
-        state = json.loads(path.read_text())
+        try:
+            state = json.loads(path.read_text())
+        except (ValueError, OSError) as err:
+            raise ValueError(f"checkpoint_dir={str(self.folder)!r}: {STATE} cannot be read ({err}); delete the "
+                             "folder to start over.") from None
         if state.get("key") != self.key:
             raise ValueError(
                 f"checkpoint_dir={str(self.folder)!r} holds a run with another recipe, model or calibration data; "
-                "use a new folder (or delete this one) to start over."
+                "use a new folder (or delete this one) to start over. Nothing was changed in it."
             )
         if "activations" not in state:
             raise ValueError(f"checkpoint_dir={str(self.folder)!r} was written by an older optimum-recon; delete it "

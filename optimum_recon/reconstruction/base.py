@@ -37,6 +37,7 @@ class WindowTask:
     # Distributed runs: for each global calibration window, its row in ``inputs``/``targets`` on this rank, or
     # -1 when another rank holds it. None: ``inputs`` holds every window (a single process).
     sample_rows: torch.Tensor | None = None
+    label: str = "window"  # how messages name it, e.g. "block 3" or "blocks 3-4"
 
     @property
     def num_samples(self) -> int:

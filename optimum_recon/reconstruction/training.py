@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from ..distributed import all_reduce_gradients_, all_reduce_numbers
+from ..distributed import all_reduce_gradients_, all_reduce_numbers, is_distributed
 from .base import Reconstruction, WindowTask
 from .lora import masked_low_rank, recomputed_merges
 
@@ -98,6 +99,27 @@ def _trainable(task: WindowTask, config: "PruningConfig") -> Iterator[list[nn.Pa
                 p.grad = None
 
 
+class NonFiniteTrainingError(ArithmeticError):
+    """Reconstruction training produced a NaN or infinite loss or weight; nothing of the run should be saved."""
+
+
+def _check_finite(task: WindowTask, config: "PruningConfig", epoch: int, loss: float,
+                  params: list[nn.Parameter] | None = None) -> None:
+    bad = None if math.isfinite(loss) else f"the training loss became {loss}"
+    if bad is None and params is not None:
+        broken = [p for p in params if not bool(torch.isfinite(p).all())]
+        bad = f"{len(broken)} trained tensors hold NaN or inf" if broken else None
+    if bad is None:
+        return
+    hint = (f"the learning rate lr={config.lr:g} is probably too large for this model; try a smaller one"
+            if config.lr > 1e-3 else "check the calibration data and the model's dtype (float16 overflows easily: "
+            "use float32 or bfloat16)")
+    raise NonFiniteTrainingError(
+        f"reconstruction of {task.label} diverged in epoch {epoch + 1}: {bad}. Stopped; nothing was saved. Most likely "
+        f"{hint}{'' if config.train_dtype == 'float32' else f', or train_dtype={config.train_dtype!r} overflows'}."
+    )
+
+
 def _batches(num_samples: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Shuffled sample indices in batches of ``batch_size``; the incomplete last batch is dropped."""
     order = torch.randperm(num_samples, generator=generator)
@@ -142,6 +164,8 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
                     loss = nn.functional.mse_loss(out.float(), y.float(), reduction="sum") / (len(index) * y[0].numel())
                     scaler.scale(loss).backward()
                     epoch_loss += float(loss.detach())
+                    if not is_distributed():  # (ranks check together at the epoch's end: none may stop alone)
+                        _check_finite(task, config, len(losses), epoch_loss)
                 all_reduce_gradients_(params)
                 scaler.step(optimizer)
                 scaler.update()
@@ -151,6 +175,7 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
                         for param, mask in task.masks.items():
                             param.mul_(mask)
             epoch_loss = all_reduce_numbers([epoch_loss])[0]
+            _check_finite(task, config, len(losses), epoch_loss, params)
             losses.append(epoch_loss / max(len(batches), 1))
             bar.set_postfix(loss=f"{losses[-1]:.3g}")
             bar.update(1)

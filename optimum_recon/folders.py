@@ -1,0 +1,274 @@
+"""The output-folder contract: optimum-recon writes only into folders it may write, and never loses a user's files.
+
+Every folder the tool writes (a saved model, a comparison, a checkpoint, a generated dataset) holds a marker file,
+`.optimum-recon.json`, naming its kind and the files the tool wrote there. A folder may be written when it is
+
+* new, or empty;
+* a folder of the same kind that optimum-recon wrote itself (its marker says so) and that holds nothing else.
+
+Anything else is refused before any work starts, unless the caller passes ``overwrite=True`` (`--overwrite`);
+even then the model being pruned, a folder that contains it, the current folder, a parent of it, the home
+folder and the filesystem root are never replaced.
+
+Writes are atomic (`atomic_directory`): everything goes into a hidden sibling ``.<name>.partial-<random>`` that
+replaces the target only once complete. A save killed with SIGKILL leaves such a sibling behind; it carries its
+writer's process id, and the next write beside it removes the ones whose process is gone (only those: a
+folder without our partial marker is never touched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+logger = logging.getLogger(__name__)
+
+MARKER = ".optimum-recon.json"
+PARTIAL_MARKER = ".optimum-recon-partial.json"
+KINDS = ("model", "comparison", "checkpoint", "dataset")
+
+
+class OutputFolderError(ValueError):
+    """A folder that optimum-recon must not write into; the message says why and what to do instead."""
+
+
+def read_marker(folder: str | os.PathLike) -> dict | None:
+    """The marker of a folder optimum-recon wrote, or None (no marker, or one that is not ours)."""
+    path = Path(folder) / MARKER
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("kind") not in KINDS or not isinstance(data.get("files"), list):
+        return None
+    return data
+
+
+def write_marker(folder: str | os.PathLike, kind: str, files: Iterable[str] | None = None) -> Path:
+    """Write the marker of ``folder``: its kind and the files in it (all of them unless ``files`` is given)."""
+    from .version import __version__
+
+    folder = Path(folder)
+    if files is None:
+        files = _listing(folder)
+    data = {"kind": kind, "files": sorted(set(files) - {MARKER}), "optimum_recon_version": __version__}
+    path = folder / MARKER
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def _listing(folder: Path) -> list[str]:
+    """Every file under ``folder`` as a relative POSIX path (folders themselves are not listed)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def _never_replaced() -> list[Path]:
+    """Folders never replaced, even with overwrite: the current folder and its parents, the home folder."""
+    cwd = Path.cwd().resolve()
+    return [cwd, *cwd.parents, Path.home().resolve()]
+
+
+def _contains(folder: Path, other: Path) -> bool:
+    return folder == other or folder in other.parents
+
+
+def check_output_dir(
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    overwrite: bool = False,
+    protect: Iterable[str | os.PathLike | None] = (),
+    what: str = "output folder",
+    flag: str = "--overwrite",
+    owned: Callable[[str], bool] | None = None,
+) -> Path:
+    """Refuse ``path`` unless optimum-recon may write a ``kind`` folder there; return it resolved.
+
+    Args:
+        path: The folder to write.
+        kind: What will be written (`model`, `comparison`, `checkpoint`, `dataset`).
+        overwrite: Replace a folder that holds other files (never a protected one).
+        protect: Folders that must survive whatever happens: typically the input model's folder. ``path`` may not
+            be one of them nor contain one.
+        what: How the message names the folder (e.g. ``"--output"``).
+        flag: How the message names the overwrite option.
+        owned: For folders whose files change while they are written (checkpoints): which relative paths are the
+            tool's own, instead of the list in the marker.
+
+    Raises:
+        OutputFolderError: with the reason and the fix.
+    """
+    target = Path(path).expanduser().resolve()
+    shown = str(path)
+    if target.exists() and not target.is_dir():
+        raise OutputFolderError(f"{what} {shown!r} is a file, not a folder: pass a folder path.")
+    for guarded in protect:
+        if guarded is None:
+            continue
+        guarded = Path(guarded).expanduser().resolve()
+        if _contains(target, guarded):
+            inside = "is" if target == guarded else "contains"
+            raise OutputFolderError(
+                f"{what} {shown!r} {inside} the input model's folder {str(guarded)!r}; writing there would replace "
+                "the model being read. Choose another folder (this is refused even with " + flag + ")."
+            )
+    if target.is_dir():
+        _check_existing(target, shown, kind, overwrite, what, flag, owned)
+    _check_writable(target, shown, what)
+    return target
+
+
+def _check_existing(target: Path, shown: str, kind: str, overwrite: bool, what: str, flag: str,
+                    owned: Callable[[str], bool] | None) -> None:
+    entries = [p.name for p in target.iterdir()]
+    if not entries:
+        return
+    if overwrite:
+        if any(_contains(target, kept) for kept in _never_replaced()) or target == Path(target.anchor):
+            raise OutputFolderError(
+                f"{what} {shown!r} is the current folder, a parent of it or your home folder: it is never replaced, "
+                f"even with {flag}. Name a sub-folder instead (e.g. {shown.rstrip('/') + '/pruned'!r})."
+            )
+        return
+    marker = read_marker(target)
+    if marker is None:
+        raise OutputFolderError(
+            f"{what} {shown!r} already holds files that optimum-recon did not write ({_some(entries)}). Choose a new "
+            f"or empty folder, or pass {flag} to replace the folder and everything in it."
+        )
+    if marker["kind"] != kind:
+        raise OutputFolderError(
+            f"{what} {shown!r} holds a {marker['kind']} written by optimum-recon, not a {kind}. Choose another "
+            f"folder, or pass {flag} to replace it."
+        )
+    if owned is not None:
+        extra = [name for name in _listing(target) if name != MARKER and not owned(name)]
+    else:
+        extra = sorted(set(_listing(target)) - set(marker["files"]) - {MARKER})
+    if extra:
+        raise OutputFolderError(
+            f"{what} {shown!r} was written by optimum-recon but now also holds other files ({_some(extra)}); they "
+            f"would be lost. Move them out, choose another folder, or pass {flag}."
+        )
+
+
+def _check_writable(target: Path, shown: str, what: str) -> None:
+    existing = target
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputFolderError(f"{what} {shown!r} cannot be created: {str(existing)!r} is a file.")
+    # the save writes a sibling of the target, so the parent must be writable too
+    probe = existing if existing != target else target.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"{what} {shown!r} cannot be written: no write permission in {str(probe)!r}. "
+                                "Choose a folder you can write to.")
+
+
+def _some(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# --- partial folders of interrupted saves --------------------------------------------------------------------
+def _is_ours_partial(path: Path) -> bool:
+    return path.name.startswith(".") and ".partial-" in path.name and (path / PARTIAL_MARKER).is_file()
+
+
+def _alive(info: dict) -> bool:
+    if info.get("host") != socket.gethostname():
+        return True  # another machine's save into a shared folder: never ours to judge
+    pid = info.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_partials(parent: str | os.PathLike, name: str) -> list[Path]:
+    """Remove the ``.<name>.partial-*`` siblings left by killed saves of ``name`` (only ours, only dead ones)."""
+    parent = Path(parent)
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for path in parent.glob(f".{name}.partial-*"):
+        if not _is_ours_partial(path):
+            continue
+        try:
+            info = json.loads((path / PARTIAL_MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not _alive(info):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            logger.info("removed %s, left by an interrupted save", path)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    target: str | os.PathLike,
+    *,
+    kind: str = "model",
+    overwrite: bool = False,
+    protect: Iterable[str | os.PathLike | None] = (),
+    what: str = "output folder",
+) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``target`` when the block finishes without error.
+
+    ``target`` is checked first (`check_output_dir`). The temporary folder is a hidden sibling, so the final
+    step is two renames on one filesystem; a failure leaves the old folder untouched and removes the partial one.
+    The marker (kind and files) is written last, just before the rename.
+    """
+    target = check_output_dir(target, kind=kind, overwrite=overwrite, protect=protect, what=what)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target.parent, target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the saved model should not be
+    try:
+        (tmp / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}),
+                                            encoding="utf-8")
+        yield tmp
+        (tmp / PARTIAL_MARKER).unlink()
+        write_marker(tmp, kind)
+        backup = None
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, backup)
+        os.replace(tmp, target)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the device while saving to {str(target)!r}; nothing was replaced. Free space "
+                "(about twice the model's size on disk is needed during the save) or choose another folder.",
+            ) from err
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def folder_size(folder: str | os.PathLike) -> int:
+    """Bytes of the files under ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
