@@ -168,11 +168,14 @@ def _check_writable(target: Path, shown: str, what: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise OutputFolderError(f"{what} {shown!r} cannot be created: {str(existing)!r} is a file.")
-    # the save writes a sibling of the target, so the parent must be writable too
+    # the save writes a sibling of the target, so the parent must be writable too; a real probe (not os.access),
+    # which also catches read-only filesystems and holds for root
     probe = existing if existing != target else target.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputFolderError(f"{what} {shown!r} cannot be written: no write permission in {str(probe)!r}. "
-                                "Choose a folder you can write to.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".optimum-recon-probe-", dir=probe))
+    except OSError as err:
+        raise OutputFolderError(f"{what} {shown!r} cannot be written: {err.strerror or err} in {str(probe)!r}. "
+                                "Choose a folder you can write to.") from None
 
 
 def _some(names: list[str], limit: int = 4) -> str:

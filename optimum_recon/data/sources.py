@@ -135,6 +135,11 @@ def _column(rows, text_column: str | None, where: str) -> list[str]:
             text_column = strings[0]
     if text_column not in columns:
         raise DataSourceError(f"{where!r} has no column {text_column!r} (columns: {columns}): {fix}.")
+    if not hasattr(rows, "column_names"):
+        lacking = next((i for i, r in enumerate(rows) if text_column not in r), None)
+        if lacking is not None:
+            raise DataSourceError(f"{where!r}: row {lacking + 1} has no {text_column!r} field (the other rows have "
+                                  "one); fix that row or remove it.")
     texts = get(text_column)
     if not any(isinstance(t, str) and t for t in texts):
         raise DataSourceError(f"{where!r}: column {text_column!r} holds no text: {fix}.")

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..folders import MARKER
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,6 +67,7 @@ def push_folder(
             revision=revision,
             create_pr=create_pr,
             commit_message=commit_message or "Upload model pruned with optimum-recon",
+            ignore_patterns=[MARKER],  # the local folder's bookkeeping (folders.py), not part of the model
         )
     except Exception as err:  # noqa: BLE001 - every failure gets the same framing and keeps its cause
         raise HubUploadError(

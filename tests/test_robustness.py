@@ -1,0 +1,397 @@
+"""Bad input and interruptions through the real command line, on a tiny model.
+
+Every case asserts the exit code, the one-line message, that the error came before the model's weights were loaded
+(where it can), and that no file of the user's was touched. docs/troubleshooting.md quotes how many cases there are
+(the last test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from optimum_recon.cli import main
+from optimum_recon.folders import MARKER, PARTIAL_MARKER
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with a hash of its bytes."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def user(tmp_path, tiny_model_dir, text_file):
+    """A user's working folder: the model, a calibration text, and a file of their own beside them."""
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    (tiny_model_dir / "my-readme.md").write_text("the user's own file in the model folder\n")
+    return tmp_path
+
+
+def _prune(model, text, *extra, samples="4", seq="32"):
+    return ["prune", "--model", str(model), "--calibration", str(text), "--num-samples", samples, "--seq-len", seq,
+            "--reconstruction", "layer", "--method", "magnitude", "--no-progress", *extra]
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err: str, message: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("optimum-recon: error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+# --- 1. the output folder contract --------------------------------------------------------------------------
+def test_output_is_the_model_folder(user, tiny_model_dir, text_file, capsys):
+    before = _snapshot(tiny_model_dir)
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", tiny_model_dir, "--overwrite"), capsys)
+    assert code == 2
+    _one_line_error(err, "is the input model's folder")
+    assert "Loading weights" not in err and _snapshot(tiny_model_dir) == before
+
+
+def test_output_containing_the_model_folder(user, tiny_model_dir, text_file, capsys):
+    before = _snapshot(user)
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", user, "--overwrite"), capsys)
+    assert code == 2
+    _one_line_error(err, "contains the input model's folder")
+    assert _snapshot(user) == before
+
+
+def test_output_dot_with_user_files(user, tiny_model_dir, text_file, capsys, monkeypatch):
+    work = user / "work"
+    work.mkdir()
+    (work / "data.csv").write_text("a,b\n")
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", "."), capsys)
+    assert code == 2
+    _one_line_error(err, "already holds files that optimum-recon did not write (data.csv)")
+    assert "Loading weights" not in err and _snapshot(work) == before
+
+
+def test_current_folder_is_never_replaced(tmp_path, tiny_model_dir, text_file, capsys, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.csv").write_text("a,b\n")
+    monkeypatch.chdir(work)
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", ".", "--overwrite"), capsys)
+    assert code == 2
+    _one_line_error(err, "never replaced")
+    assert (work / "data.csv").read_text() == "a,b\n"
+
+
+def test_existing_folder_of_user_files(user, tiny_model_dir, text_file, capsys):
+    out = user / "out"
+    out.mkdir()
+    (out / "results.txt").write_text("precious\n")
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", out), capsys)
+    assert code == 2
+    _one_line_error(err, "results.txt")
+    assert "--overwrite" in err and (out / "results.txt").read_text() == "precious\n"
+    # said explicitly, the folder is replaced
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", out, "--overwrite"), capsys)
+    assert code == 0, err
+    assert (out / "model.safetensors").is_file() and not (out / "results.txt").exists()
+
+
+def test_own_folder_is_rewritten_but_not_with_a_user_file_in_it(user, tiny_model_dir, text_file, capsys):
+    out = user / "out"
+    assert _run(_prune(tiny_model_dir, text_file, "--output", out), capsys)[0] == 0
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["kind"] == "model" and "model.safetensors" in marker["files"]
+    assert _run(_prune(tiny_model_dir, text_file, "--output", out, "--sparsity", "0.6"), capsys)[0] == 0
+    (out / "eval-notes.txt").write_text("mine\n")
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", out), capsys)
+    assert code == 2
+    _one_line_error(err, "eval-notes.txt")
+    assert (out / "eval-notes.txt").read_text() == "mine\n"
+
+
+def test_output_is_a_file_or_cannot_be_created(user, tiny_model_dir, text_file, capsys):
+    for output, message in ((user / "notes.txt", "is a file"), (user / "notes.txt" / "sub", "is a file"),
+                            ("/proc/optimum-recon-test/out", "cannot be written")):
+        code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", output), capsys)
+        assert code == 2
+        _one_line_error(err, message)
+        assert "Loading weights" not in err
+    assert (user / "notes.txt").read_text() == "my notes\n"
+
+
+def test_stale_partial_folders_are_removed_but_not_others(user, tiny_model_dir, text_file, capsys):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = user / ".out.partial-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"0" * 1000)
+    (stale / PARTIAL_MARKER).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}))
+    lookalike = user / ".out.partial-userdir"  # same pattern, not ours: kept
+    lookalike.mkdir()
+    (lookalike / "keep.txt").write_text("x")
+    assert _run(_prune(tiny_model_dir, text_file, "--output", user / "out"), capsys)[0] == 0
+    assert not stale.exists() and (lookalike / "keep.txt").is_file()
+
+
+# --- 2. finite settings, and training that diverges ---------------------------------------------------------
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "inf"], "lr=inf is not valid"),
+    (["--lr", "nan"], "lr=nan is not valid"),
+    (["--lr", "5"], "lr=5.0 is not valid"),
+    (["--weight-decay", "nan"], "weight_decay=nan is not valid"),
+    (["--weight-decay", "inf"], "weight_decay=inf is not valid"),
+    (["--self-temperature", "inf"], "self_temperature=inf is not valid"),
+    (["--dampening", "nan"], "dampening=nan is not valid"),
+    (["--lora-alpha", "inf"], "lora_alpha=inf is not valid"),
+    (["--adam-betas", "0.9", "nan"], "adam_betas[1]=nan is not valid"),
+])
+def test_non_finite_settings(flags, message, user, tiny_model_dir, text_file, capsys):
+    code, _, err = _run(_prune(tiny_model_dir, text_file, *flags), capsys)
+    assert code == 2
+    _one_line_error(err, message)
+    assert "Loading weights" not in err
+
+
+def test_diverging_training_stops_and_saves_nothing(user, tiny_model_dir, text_file, capsys, monkeypatch):
+    import optimum_recon.reconstruction.training as training
+
+    real = training.nn.functional.mse_loss
+    monkeypatch.setattr(training.nn.functional, "mse_loss", lambda *a, **k: real(*a, **k) * float("inf"))
+    out = user / "out"
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--reconstruction", "block", "--epochs", "2", "--lr",
+                               "0.5", "--output", out), capsys)
+    assert code == 2
+    _one_line_error(err, "reconstruction of block 0 diverged in epoch 1")
+    assert "lr=0.5" in err and "nothing was saved" in err and not out.exists()
+
+
+# --- 3. a checkpoint whose weights are not the model its config describes -----------------------------------
+def test_config_beside_other_weights(user, tiny_model_dir, text_file, capsys):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               is_decoder=True).save_pretrained(tiny_model_dir)  # config.json replaced; Llama weights stay
+    out = user / "out"
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", out), capsys)
+    assert code == 2
+    _one_line_error(err, "does not hold the weights of the BertLMHeadModel")
+    assert "missing from the checkpoint" in err and "--allow-missing-weights" in err and not out.exists()
+
+
+# --- 4 and 5. malformed data, recipes, devices: one line naming the file and the fix ------------------------
+def _write(path: Path, content: str | bytes) -> Path:
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return path
+
+
+def _parquet_without_text(path: Path) -> Path:
+    import datasets
+
+    datasets.Dataset.from_dict({"id": [1, 2], "score": [0.5, 0.7]}).to_parquet(str(path))
+    return path
+
+
+CALIBRATION_FILES = {
+    "jsonl row without the text field": (lambda d: _write(d / "a.jsonl", '{"text": "x y"}\n{"body": "y"}\n'),
+                                         "a.jsonl': row 2 has no 'text' field"),
+    "jsonl with two text-like columns": (lambda d: _write(d / "g.jsonl", '{"body": "x", "title": "y"}\n'),
+                                         "no 'text' column and string columns ['body', 'title']"),
+    "jsonl rows that are not objects": (lambda d: _write(d / "b.jsonl", '{"text": "a b"}\n[1, 2]\n'),
+                                        "line 2 is a JSON list, not an object"),
+    "invalid json": (lambda d: _write(d / "c.jsonl", '{"text": "a"}\n{"text": \n'),
+                     "c.jsonl' line 2 is not valid JSON"),
+    "binary file": (lambda d: _write(d / "d.txt", b"\xff\xfe\x00\x01" * 64), "d.txt' is not UTF-8 text"),
+    "empty jsonl": (lambda d: _write(d / "e.jsonl", ""), "e.jsonl' holds no rows"),
+    "parquet without a string column": (lambda d: _parquet_without_text(d / "f.parquet"), "--text-column"),
+}
+
+
+@pytest.mark.parametrize("case", list(CALIBRATION_FILES))
+def test_bad_calibration_file(case, user, tiny_model_dir, capsys):
+    make, message = CALIBRATION_FILES[case]
+    path = make(user)
+    code, _, err = _run(_prune(tiny_model_dir, path), capsys)
+    assert code == 2
+    _one_line_error(err, message)
+    assert "Loading weights" not in err
+
+
+RECIPES = {
+    "targets of the wrong type": ({"targets": 5}, "targets=5 is not valid"),
+    "a JSON list": ([1, 2], "is a JSON list, not an object of settings"),
+    "calibration of the wrong type": ({"calibration": "c4"}, "'calibration' must be an object"),
+    "invalid JSON": ("{not json", "is not valid JSON"),
+    "non-finite lr": ({"lr": float("inf"), "reconstruction": "block"}, "lr=inf is not valid"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECIPES))
+def test_bad_recipe(case, user, tiny_model_dir, text_file, capsys):
+    content, message = RECIPES[case]
+    recipe = user / "recipe"
+    recipe.mkdir()
+    _write(recipe / "pruning_config.json", content if isinstance(content, str) else json.dumps(content))
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--recipe", recipe), capsys)
+    assert code == 2
+    _one_line_error(err, message)
+    assert "pruning_config.json" in err and "Loading weights" not in err
+
+
+def test_recipe_from_a_future_version_is_flagged(user, tiny_model_dir, text_file, capsys):
+    recipe = user / "recipe"
+    recipe.mkdir()
+    _write(recipe / "pruning_config.json", json.dumps({"optimum_recon_version": "99.0", "method": "magnitude",
+                                                       "reconstruction": "layer", "new_knob": 3}))
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--recipe", recipe), capsys)
+    assert code == 0, err
+    assert "written by optimum-recon 99.0, newer than this" in err and "new_knob" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "foo"], "dtype='foo' is not valid"),
+    (["--dtype", "int8"], "dtype='int8' is not valid"),
+    (["--device", "foo"], "device='foo' is not a device"),
+    (["--device", "cuda:7"], "cuda:7"),
+    (["--eval", "missing-eval.txt"], "does not exist"),
+])
+def test_bad_runtime_flags(flags, message, user, tiny_model_dir, text_file, capsys):
+    if flags[:2] == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    code, _, err = _run(_prune(tiny_model_dir, text_file, *flags), capsys)
+    assert code == 2
+    _one_line_error(err, message)
+    assert "Loading weights" not in err
+
+
+def test_cuda_without_a_gpu(user, tiny_model_dir, text_file, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--device", "cuda"), capsys)
+    assert code == 2
+    _one_line_error(err, "no GPU is visible")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "empty-folder", "has no config.json"),
+    (lambda d: d / "notes.txt", "is a file"),
+])
+def test_model_path_that_is_not_a_model(make, message, user, text_file, capsys):
+    path = make(user)
+    path.mkdir(exist_ok=True) if path.suffix == "" else None
+    code, _, err = _run(_prune(path, text_file), capsys)
+    assert code == 2
+    _one_line_error(err, message)
+    assert "not a local folder" not in err
+
+
+# --- 6. leftovers: the checkpoint folder --------------------------------------------------------------------
+def test_checkpoint_is_deleted_after_the_save_unless_kept(user, tiny_model_dir, text_file, capsys):
+    ck = user / "ck"
+    code, out, _ = _run(_prune(tiny_model_dir, text_file, "--output", user / "out", "--checkpoint-dir", ck), capsys)
+    assert code == 0 and not ck.exists() and "deleted the finished run's checkpoint folder" in out
+    code, out, _ = _run(_prune(tiny_model_dir, text_file, "--checkpoint-dir", ck), capsys)  # no --output
+    assert code == 0 and (ck / "state.json").is_file() and "holds the finished run" in out
+    (ck / "mine.txt").write_text("x")
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--checkpoint-dir", ck), capsys)
+    assert code == 2
+    _one_line_error(err, "mine.txt")
+    assert (ck / "mine.txt").read_text() == "x"
+
+
+def test_checkpoint_dir_of_user_files_and_overlaps(user, tiny_model_dir, text_file, capsys):
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--checkpoint-dir", user), capsys)
+    assert code == 2
+    _one_line_error(err, "--checkpoint-dir")
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", user / "o", "--checkpoint-dir", user / "o"),
+                        capsys)
+    assert code == 2 and "Loading weights" not in err
+
+
+# --- 7. fail fast ------------------------------------------------------------------------------------------
+def test_compare_checks_every_model_before_the_first(user, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.chdir(user)
+    code, _, err = _run(["compare", tiny_model_dir, "./no-such-model", "--no-progress", "--no-latency"], capsys)
+    assert code == 2
+    _one_line_error(err, "no-such-model")
+    assert "Loading weights" not in err and not (user / "comparison").exists()
+    (user / "comparison").mkdir()
+    (user / "comparison" / "mine.md").write_text("x")
+    code, _, err = _run(["compare", tiny_model_dir, "--no-progress", "--no-latency"], capsys)
+    assert code == 2
+    _one_line_error(err, "mine.md")
+
+
+def test_eval_json_never_replaces_a_user_file(user, tiny_model_dir, text_file, capsys):
+    code, _, err = _run(["eval", "--model", tiny_model_dir, "--dataset", text_file, "--json", user / "notes.txt",
+                         "--no-progress"], capsys)
+    assert code == 2
+    _one_line_error(err, "was not written by optimum-recon eval")
+    assert (user / "notes.txt").read_text() == "my notes\n"
+
+
+def test_generate_calibration_into_a_user_folder(user, tiny_model_dir, capsys):
+    code, _, err = _run(["generate-calibration", "--model", tiny_model_dir, "--num-samples", "2", "--seq-len", "8",
+                         "--output", user, "--no-progress"], capsys)
+    assert code == 2
+    _one_line_error(err, "already holds files")
+
+
+# --- 8. what a newcomer reads: one clean line per notice, results once --------------------------------------
+def test_notices_are_one_clean_line_each(tmp_path, tiny_model_dir, capsys):
+    code, out, err = _run(["prune", "--model", tiny_model_dir, "--calibration", "c4", "--num-samples", "2",
+                           "--seq-len", "16", "--method", "magnitude", "--reconstruction", "layer", "--no-progress"],
+                          capsys)
+    assert code == 0
+    notices = [line for line in err.splitlines() if "could not be loaded from the Hub" in line]
+    assert len(notices) == 1 and notices[0].startswith("optimum-recon: warning: c4 (train)")
+    assert "UserWarning" not in err and ".py:" not in err
+
+
+# --- interruptions, through a real process ------------------------------------------------------------------
+def test_ctrl_c_is_one_line_and_exit_130(user, tiny_model_dir, text_file):
+    ck = user / "ck"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "optimum_recon.cli"] + [str(a) for a in _prune(
+        tiny_model_dir, text_file, "--reconstruction", "block", "--epochs", "100000", "--checkpoint-dir", ck,
+        "--output", user / "out")]
+    # (a process started in the background inherits an ignored SIGINT: restore the default, as a terminal has it)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not (ck / MARKER).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the training loop
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "optimum-recon: interrupted" in err and "resume" in err
+    assert not (user / "out").exists()
+    shutil.rmtree(ck)
+
+
+def _count_cases() -> int:
+    """The cases of this file: one per test, or one per parameter set of a parametrized test."""
+    count = 0
+    for name, fn in globals().items():
+        if not name.startswith("test_") or name == "test_troubleshooting_quotes_the_count":
+            continue
+        marks = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
+        count += len(marks[0].args[1]) if marks else 1
+    return count
+
+
+def test_troubleshooting_quotes_the_count():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
+    assert f"{_count_cases()} bad-input cases" in page, _count_cases()
