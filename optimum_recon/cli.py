@@ -298,10 +298,9 @@ def _preflight_prune(args: argparse.Namespace) -> tuple[PruningConfig, str]:
         check_output_dir(args.output, kind="model", overwrite=args.overwrite, what="--output",
                          protect=[model_folder, args.checkpoint_dir])
     if args.checkpoint_dir:
-        from .engine.checkpoint import is_checkpoint_file
+        from .engine.checkpoint import check_checkpoint_dir
 
-        check_output_dir(args.checkpoint_dir, kind="checkpoint", protect=[model_folder, args.output],
-                         what="--checkpoint-dir", flag="another --checkpoint-dir", owned=is_checkpoint_file)
+        check_checkpoint_dir(args.checkpoint_dir, protect=[model_folder, args.output], what="--checkpoint-dir")
     if args.activation_folder and os.path.isfile(args.activation_folder):
         raise ValueError(f"--activation-folder {args.activation_folder!r} is a file: pass a folder.")
     if args.push_to_hub and not args.output:

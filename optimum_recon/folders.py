@@ -87,7 +87,7 @@ def check_output_dir(
     overwrite: bool = False,
     protect: Iterable[str | os.PathLike | None] = (),
     what: str = "output folder",
-    flag: str = "--overwrite",
+    flag: str | None = "--overwrite",
     owned: Callable[[str], bool] | None = None,
 ) -> Path:
     """Refuse ``path`` unless optimum-recon may write a ``kind`` folder there; return it resolved.
@@ -99,7 +99,7 @@ def check_output_dir(
         protect: Folders that must survive whatever happens: typically the input model's folder. ``path`` may not
             be one of them nor contain one.
         what: How the message names the folder (e.g. ``"--output"``).
-        flag: How the message names the overwrite option.
+        flag: How the message names the overwrite option (None: there is none, as for checkpoints).
         owned: For folders whose files change while they are written (checkpoints): which relative paths are the
             tool's own, instead of the list in the marker.
 
@@ -118,7 +118,8 @@ def check_output_dir(
             inside = "is" if target == guarded else "contains"
             raise OutputFolderError(
                 f"{what} {shown!r} {inside} the input model's folder {str(guarded)!r}; writing there would replace "
-                "the model being read. Choose another folder (this is refused even with " + flag + ")."
+                "the model being read. Choose another folder"
+                + (f" (this is refused even with {flag})." if flag else ".")
             )
     if target.is_dir():
         _check_existing(target, shown, kind, overwrite, what, flag, owned)
@@ -126,7 +127,7 @@ def check_output_dir(
     return target
 
 
-def _check_existing(target: Path, shown: str, kind: str, overwrite: bool, what: str, flag: str,
+def _check_existing(target: Path, shown: str, kind: str, overwrite: bool, what: str, flag: str | None,
                     owned: Callable[[str], bool] | None) -> None:
     entries = [p.name for p in target.iterdir()]
     if not entries:
@@ -142,12 +143,12 @@ def _check_existing(target: Path, shown: str, kind: str, overwrite: bool, what: 
     if marker is None:
         raise OutputFolderError(
             f"{what} {shown!r} already holds files that optimum-recon did not write ({_some(entries)}). Choose a new "
-            f"or empty folder, or pass {flag} to replace the folder and everything in it."
+            f"or empty folder{f', or pass {flag} to replace the folder and everything in it' if flag else ''}."
         )
     if marker["kind"] != kind:
         raise OutputFolderError(
             f"{what} {shown!r} holds a {marker['kind']} written by optimum-recon, not a {kind}. Choose another "
-            f"folder, or pass {flag} to replace it."
+            f"folder{f', or pass {flag} to replace it' if flag else ''}."
         )
     if owned is not None:
         extra = [name for name in _listing(target) if name != MARKER and not owned(name)]
@@ -156,7 +157,7 @@ def _check_existing(target: Path, shown: str, kind: str, overwrite: bool, what: 
     if extra:
         raise OutputFolderError(
             f"{what} {shown!r} was written by optimum-recon but now also holds other files ({_some(extra)}); they "
-            f"would be lost. Move them out, choose another folder, or pass {flag}."
+            f"would be lost. Move them out or choose another folder{f', or pass {flag}' if flag else ''}."
         )
 
 

@@ -17,6 +17,7 @@ from .configuration import PruningConfig
 from .data.calibration import sample_calibration_windows
 from .data.default_model import DEFAULT_MODEL_NAME, default_model_path
 from .data.sources import check_source
+from .engine.checkpoint import check_checkpoint_dir
 from .engine.sequential import prune_model
 from .evaluation import PerplexityResult, evaluate_perplexity
 from .folders import check_output_dir
@@ -345,8 +346,7 @@ class ReconPruner:
         if self.report is not None:
             raise RuntimeError("this model is already pruned; load it again to prune with other settings.")
         if checkpoint_dir is not None:
-            check_output_dir(checkpoint_dir, kind="checkpoint", protect=[self.source_folder], what="checkpoint_dir",
-                             flag="another folder")
+            check_checkpoint_dir(checkpoint_dir, protect=[self.source_folder])
         with _recorded_warnings() as notes:
             ids, heldout = self.calibration_ids(calibration_data, progress=progress)
             self._interrupted = True  # until prune_model returns: the weights in memory are half pruned

@@ -161,7 +161,7 @@ def test_interrupted_distributed_run_resumes_to_the_same_model(runs, tmp_path):
     args = [str(model), str(text), str(tmp_path), "--recipes", "sparsegpt-br-gp", "--checkpoint-dir", str(checkpoint)]
     crashed = _torchrun(2, [*args, "--crash-at-block", "2"], timeout=300)
     assert crashed.returncode != 0 and "injected crash" in crashed.stdout + crashed.stderr
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["rank0-of-2", "rank1-of-2"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == [".optimum-recon.json", "rank0-of-2", "rank1-of-2"]
     resumed = _torchrun(2, args, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert "resuming from" in resumed.stderr

@@ -46,14 +46,21 @@ def is_checkpoint_file(relative: str) -> bool:
     return bool(_FILES.match(relative))
 
 
-def open_checkpoint_dir(folder: str | os.PathLike, protect=()) -> Path:
-    """Check that ``folder`` may hold a checkpoint (new, empty, or one of ours) and mark it as one."""
+def check_checkpoint_dir(folder: str | os.PathLike, protect=(), what: str = "checkpoint_dir") -> Path:
+    """Refuse ``folder`` unless it is new, empty or a checkpoint of ours holding nothing else (`folders.py`); a
+    checkpoint written by a version that wrote no marker is recognised by its files."""
     folder = Path(folder).expanduser()
     if folder.is_dir() and read_marker(folder) is None and (folder / STATE).is_file() and all(
             is_checkpoint_file(p.relative_to(folder).as_posix()) for p in folder.rglob("*") if p.is_file()):
-        write_marker(folder, "checkpoint", files=[])  # a checkpoint of a version that wrote no marker
-    check_output_dir(folder, kind="checkpoint", protect=protect, what="checkpoint_dir",
-                     flag="a new checkpoint_dir", owned=is_checkpoint_file)
+        write_marker(folder, "checkpoint", files=[])
+    return check_output_dir(folder, kind="checkpoint", protect=protect, what=what, flag=None,
+                            owned=is_checkpoint_file)
+
+
+def open_checkpoint_dir(folder: str | os.PathLike, protect=()) -> Path:
+    """Check that ``folder`` may hold a checkpoint (`check_checkpoint_dir`) and mark it as one."""
+    folder = Path(folder).expanduser()
+    check_checkpoint_dir(folder, protect)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if read_marker(folder) is None:
