@@ -98,3 +98,52 @@ def test_data_fallbacks_are_recorded_in_the_report_and_card(tiny_model_dir, tmp_
     assert any("using the copy bundled with optimum-recon" in note for note in report.notes)
     out = pruner.save_pretrained(tmp_path / "out")
     assert "Notes from the run" in (out / "README.md").read_text()
+
+
+def test_save_pretrained_follows_the_folder_contract(pruned, tmp_path, tiny_model_dir):
+    from optimum_recon.folders import OutputFolderError
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+    with pytest.raises(OutputFolderError, match="keep.txt"):
+        pruned.check_output(mine)  # the same check, before any work
+    with pytest.raises(OutputFolderError, match="already holds files"):
+        pruned.save_pretrained(mine)
+    assert (mine / "keep.txt").read_text() == "x"
+    pruned.source_folder = str(tiny_model_dir)
+    with pytest.raises(OutputFolderError, match="input model's folder"):
+        pruned.save_pretrained(tiny_model_dir, overwrite=True)
+    out = pruned.save_pretrained(mine, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert pruned.save_pretrained(out) == out  # its own folder: saved again without overwrite
+
+
+def test_a_live_partial_folder_is_never_removed(tmp_path):
+    from optimum_recon.folders import PARTIAL_MARKER, remove_stale_partials
+
+    live = tmp_path / ".out.partial-live"
+    live.mkdir()
+    (live / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+    other_host = tmp_path / ".out.partial-remote"
+    other_host.mkdir()
+    (other_host / PARTIAL_MARKER).write_text(json.dumps({"pid": 1, "host": "another-machine"}))
+    assert remove_stale_partials(tmp_path, "out") == [] and live.is_dir() and other_host.is_dir()
+
+
+def test_a_failed_prune_is_not_saved(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    import optimum_recon.pruner as pruner_module
+
+    config = PruningConfig(method="magnitude", reconstruction="layer",
+                           calibration=CalibrationConfig(source=str(text_file), num_samples=4, seq_len=16))
+    pruner = ReconPruner.from_pretrained(str(tiny_model_dir), config=config)
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pruner_module, "prune_model", fail)
+    with pytest.raises(KeyboardInterrupt):
+        pruner.prune(progress=False)
+    with pytest.raises(RuntimeError, match="half pruned"):
+        pruner.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
