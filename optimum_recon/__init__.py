@@ -12,6 +12,8 @@ from .version import __version__
 
 _LAZY = {
     "CalibrationConfig": ".configuration",
+    "ModelLoadError": ".modeling.loading",
+    "OutputFolderError": ".folders",
     "PruningConfig": ".configuration",
     "PruningReport": ".report",
     "ReconPruner": ".pruner",
@@ -21,6 +23,8 @@ _LAZY = {
 
 __all__ = [
     "CalibrationConfig",
+    "ModelLoadError",
+    "OutputFolderError",
     "PruningConfig",
     "PruningReport",
     "ReconPruner",
@@ -33,6 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .configuration import CalibrationConfig, PruningConfig
     from .engine.sequential import prune_model
     from .evaluation import evaluate_perplexity
+    from .folders import OutputFolderError
+    from .modeling.loading import ModelLoadError
     from .pruner import ReconPruner
     from .report import PruningReport
 

@@ -19,74 +19,10 @@ from typing import Any, Iterator
 
 from .configuration import CalibrationConfig, PruningConfig, field_default, field_help
 from .hub.push import HubUploadError
+from .recipe import RECIPE_FLAGS as _RECIPE_FLAGS
+from .recipe import recipe_command  # noqa: F401 - part of this module's interface
 
 logger = logging.getLogger(__name__)
-
-# CLI flag -> (dataclass, field). Lists take several values: --targets q_proj k_proj.
-_RECIPE_FLAGS = {
-    "sparsity": (PruningConfig, "sparsity", float),
-    "pattern": (PruningConfig, "pattern", str),
-    "method": (PruningConfig, "method", str),
-    "reconstruction": (PruningConfig, "reconstruction", str),
-    "propagation": (PruningConfig, "propagation", str),
-    "targets": (PruningConfig, "targets", "list"),
-    "ignore": (PruningConfig, "ignore", "list"),
-    "dampening": (PruningConfig, "dampening", float),
-    "block-size": (PruningConfig, "block_size", int),
-    "epochs": (PruningConfig, "epochs", int),
-    "lr": (PruningConfig, "lr", float),
-    "batch-size": (PruningConfig, "batch_size", int),
-    "adam-betas": (PruningConfig, "adam_betas", "pair"),
-    "weight-decay": (PruningConfig, "weight_decay", float),
-    "window": (PruningConfig, "window", int),
-    "train-dtype": (PruningConfig, "train_dtype", str),
-    "gradient-checkpointing": (PruningConfig, "gradient_checkpointing", "flag"),
-    "lora-rank": (PruningConfig, "lora_rank", int),
-    "lora-alpha": (PruningConfig, "lora_alpha", float),
-    "calibration": (CalibrationConfig, "source", str),
-    "num-samples": (CalibrationConfig, "num_samples", int),
-    "seq-len": (CalibrationConfig, "seq_len", int),
-    "seed": (CalibrationConfig, "seed", int),
-    "text-column": (CalibrationConfig, "text_column", str),
-    "calibration-split": (CalibrationConfig, "split", str),
-    "heldout-samples": (CalibrationConfig, "heldout_samples", int),
-    "self-use": (CalibrationConfig, "self_use", str),
-    "self-temperature": (CalibrationConfig, "self_temperature", float),
-    "self-top-k": (CalibrationConfig, "self_top_k", int),
-    "self-top-p": (CalibrationConfig, "self_top_p", float),
-    "self-on-eos": (CalibrationConfig, "self_on_eos", str),
-    "self-batch-size": (CalibrationConfig, "self_batch_size", int),
-    "self-prompts": (CalibrationConfig, "self_prompts", "list"),
-}
-
-
-_TRAINING_FLAGS = {"epochs", "lr", "batch-size", "adam-betas", "weight-decay", "window", "train-dtype",
-                   "gradient-checkpointing", "lora-rank", "lora-alpha"}
-
-
-_ALWAYS = {"sparsity", "pattern", "method", "reconstruction", "propagation", "calibration", "num-samples", "seq-len",
-           "seed", "epochs", "lr", "batch-size"}
-
-
-def recipe_command(config: PruningConfig, model: str | None) -> str:
-    """The `optimum-recon prune` command line that repeats ``config`` on ``model``: the main settings always,
-    the others when they differ from their defaults; training flags only when something is trained."""
-    parts = ["optimum-recon prune"] + ([f"--model {model}"] if model else [])
-    for flag, (cls, name, kind) in _RECIPE_FLAGS.items():
-        value = getattr(config if cls is PruningConfig else config.calibration, name)
-        if flag in _TRAINING_FLAGS and config.reconstruction == "layer":
-            continue
-        if value is None or (flag not in _ALWAYS and value == field_default(cls, name)):
-            continue
-        if kind == "flag":
-            parts.append(f"--{flag}" if value else f"--no-{flag}")
-        elif kind in ("list", "pair"):
-            parts.append(f"--{flag} " + " ".join(f"'{v}'" if kind == "list" else str(v) for v in value))
-        else:
-            parts.append(f"--{flag} {value}")
-    lines = [" ".join(parts[:2])] + parts[2:] + ["--output pruned-model"]
-    return " \\\n  ".join(lines)
-
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
@@ -286,8 +222,8 @@ def _preflight_prune(args: argparse.Namespace) -> tuple[PruningConfig, str]:
     """Everything `prune` can check before the model is loaded: the recipe, the folders, the device, the dtype and
     the evaluation data (the calibration data is read by `ReconPruner.from_pretrained`, before the weights)."""
     from .folders import check_output_dir
+    from .modeling.loading import parse_dtype, resolve_model_path
     from .modeling.offload import check_device
-    from .pruner import parse_dtype, resolve_model_path
 
     config = config_from_args(args)
     parse_dtype(args.dtype)
@@ -367,7 +303,7 @@ def _check_json_output(path: str, overwrite: bool) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .pruner import parse_dtype, resolve_model_path
+    from .modeling.loading import parse_dtype, resolve_model_path
 
     datasets = _datasets(args.dataset) if args.dataset is not None else (
         [] if args.tasks or args.latency else ["wikitext2"])
@@ -410,7 +346,7 @@ def run_eval(args: argparse.Namespace) -> int:
             json.dump(output, fh, indent=2)
     if args.update_card:
         from .hub.save import record_evaluation
-        from .pruner import resolve_model_path
+        from .modeling.loading import resolve_model_path
 
         folder = record_evaluation(
             resolve_model_path(args.model), perplexity={n: r["perplexity"] for n, r in output["results"].items()},
@@ -421,7 +357,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     from .evaluation.compare import compare_models
-    from .pruner import parse_dtype
+    from .modeling.loading import parse_dtype
 
     parse_dtype(args.dtype)
     _check_eval_data(_datasets(args.datasets))

@@ -123,7 +123,7 @@ def build_big(args) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from optimum_recon.pruner import resolve_model_path
+    from optimum_recon.modeling.loading import resolve_model_path
 
     path = _big_path(args)
     if (path / "config.json").is_file():

@@ -9,7 +9,16 @@ import torch
 from torch import nn
 
 from ..configuration import PruningConfig
-from ..distributed import all_gather_objects, all_reduce_numbers, broadcast_, rank, world_size
+from ..distributed import (
+    all_gather_objects,
+    all_reduce_,
+    all_reduce_numbers,
+    broadcast_,
+    exact_statistics,
+    is_distributed,
+    rank,
+    world_size,
+)
 from ..masks import MaskMethod
 from ..modeling.blocks import LinearLayer
 from ..report import LayerRecord
@@ -112,6 +121,7 @@ class StatisticsHooks:
     def __init__(self, layers: list[LinearLayer], method: MaskMethod, device: torch.device):
         self.layers, self.method, self.device = layers, method, device
         self.needed = method.needs_inputs
+        self.exact = exact_statistics()  # float64 sums in a distributed run: masks independent of the order
         self.active = True
         self._own: dict[str, Any] = {}
         self._alias: dict[str, str] = {}
@@ -136,7 +146,7 @@ class StatisticsHooks:
             self._alias[name] = self._alias.get(self._last[1], self._last[1])
         elif name not in self._alias:
             if name not in self._own:
-                self._own[name] = self.method.new_statistics(in_features, self.device)
+                self._own[name] = self.method.new_statistics(in_features, self.device, exact=self.exact)
             if self.active:
                 self._own[name].update(x.detach())
         self._last = (x, name)
@@ -144,8 +154,11 @@ class StatisticsHooks:
     def all_reduce(self) -> None:
         """Sum every accumulator over the ranks of a distributed run (a no-op in a single process)."""
         for layer in self.layers:  # the plan's order: the same on every rank
-            if layer.name in self._own:
-                self._own[layer.name].all_reduce()
+            stats = self._own.get(layer.name)
+            if stats is not None and is_distributed():
+                for tensor in stats.sums():
+                    all_reduce_(tensor)
+                stats.num_tokens = int(all_reduce_numbers([stats.num_tokens])[0])
 
     def __enter__(self) -> "StatisticsHooks":
         if not self.needed:

@@ -155,15 +155,14 @@ def _size(size: int | None) -> str:
 
 def measured_sparsity(model: nn.Module, blocks_path: str | None = None) -> float:
     """Fraction of exact zeros in the linear weights of the decoder blocks (offloaded weights included)."""
-    from accelerate.utils import align_module_device
-
     from ..modeling.blocks import find_blocks, find_linear_layers
+    from ..modeling.offload import weights_on
 
     _, blocks = find_blocks(model, blocks_path)
     zeros = total = 0
     for block in blocks:
         for layer in find_linear_layers(block):
-            with align_module_device(layer.module, torch.device("cpu")):
+            with weights_on(layer.module, torch.device("cpu")):
                 weight = layer.module.weight
                 zeros += int((weight == 0).sum())
                 total += weight.numel()
@@ -241,7 +240,7 @@ def compare_models(
         ```
     """
     from ..folders import check_output_dir
-    from ..pruner import check_model_exists, load_model_and_tokenizer, resolve_model_path
+    from ..modeling.loading import check_model_exists, load_model_and_tokenizer, resolve_model_path
 
     if not models:
         raise ValueError("compare needs at least one model.")

@@ -12,6 +12,7 @@ import statistics
 from huggingface_hub import ModelCard, ModelCardData
 
 from ..configuration import PruningConfig
+from ..recipe import recipe_command
 from ..report import PruningReport
 from ..version import __version__
 
@@ -164,8 +165,6 @@ def build_model_card(
     config: PruningConfig, report: PruningReport | None, base_model: str | None = None, license: str | None = None
 ) -> ModelCard:
     """A model card saying exactly how the model was pruned, with Hub metadata."""
-    from ..cli import recipe_command
-
     tags = ["optimum-recon", "pruned", "sparse", f"sparsity-{round(config.sparsity * 100)}", config.method,
             f"{config.reconstruction.replace('_', '-')}-reconstruction"]
     if config.nm is not None:

@@ -30,15 +30,18 @@ class InputStatistics(ABC):
     """
 
     last_use: bool = False
+    #: How many input tokens (rows of x) were added.
+    num_tokens: int = 0
 
     @abstractmethod
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``x`` of shape (..., in_features)."""
 
-    def all_reduce(self) -> None:
-        """Sum the statistics of every rank of a distributed run into each rank's copy (see
-        `optimum_recon.distributed`). Statistics that are not plain sums must override this."""
-        return None  # single-process statistics need nothing; the built-in ones override it
+    def sums(self) -> list[torch.Tensor]:
+        """The tensors that are sums over tokens: a distributed run adds every rank's into each rank's copy (and
+        ``num_tokens`` likewise) before a mask is chosen. The reduction itself is the engine's; statistics are
+        plain tensors and know nothing of processes."""
+        return []
 
 
 class MaskMethod(ABC):
@@ -48,8 +51,10 @@ class MaskMethod(ABC):
     #: Whether the method needs the layer inputs at all (magnitude does not).
     needs_inputs: ClassVar[bool] = True
 
-    def new_statistics(self, in_features: int, device: torch.device) -> InputStatistics | None:
-        """A fresh accumulator for a layer with ``in_features`` inputs, or None if no inputs are needed."""
+    def new_statistics(self, in_features: int, device: torch.device, *, exact: bool = False
+                       ) -> InputStatistics | None:
+        """A fresh accumulator for a layer with ``in_features`` inputs, or None if no inputs are needed. With
+        ``exact``, sums are kept in float64 so that they do not depend on the order batches are added in."""
         return None
 
     @abstractmethod

@@ -147,8 +147,8 @@ def _prune_block(
 class SparseGPT(MaskMethod):
     name = "sparsegpt"
 
-    def new_statistics(self, in_features: int, device: torch.device) -> HessianStatistics:
-        return HessianStatistics(in_features, device)
+    def new_statistics(self, in_features: int, device: torch.device, *, exact: bool = False) -> HessianStatistics:
+        return HessianStatistics(in_features, device, exact=exact)
 
     def prune(self, weight, stats, *, sparsity, nm, **options: Any) -> PruneResult:
         # the Hessian is computed for this call (or handed over by its statistics on their last use): factorize

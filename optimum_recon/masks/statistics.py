@@ -1,24 +1,24 @@
 """Input statistics the mask methods accumulate over calibration batches (on the layer's device).
 
-Sums are kept in float32, or in float64 when `optimum_recon.distributed.exact_statistics` says so (in a
-distributed run): each batch's contribution is computed in float32 as usual and added to a float64 sum, so the
-result no longer depends on the order in which batches (and ranks) are added, and every rank picks the masks a
-single-process run would pick. `all_reduce` sums the statistics of all ranks before a mask is chosen.
+Sums are kept in float32, or in float64 with ``exact=True`` (the engine asks for it in a distributed run, see
+`optimum_recon.distributed.exact_statistics`): each batch's contribution is computed in float32 as usual and added
+to a float64 sum, so the result no longer depends on the order in which batches (and ranks) are added, and every
+rank picks the masks a single-process run would pick. `sums()` names the tensors the engine adds over ranks before
+a mask is chosen; nothing here knows of processes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..distributed import all_reduce_, all_reduce_numbers, exact_statistics
 from .base import InputStatistics
 
 
 class ColumnNormStatistics(InputStatistics):
     """Per input feature, the sum over tokens of x_j^2 (Wanda's squared column norm of X)."""
 
-    def __init__(self, in_features: int, device: torch.device):
-        dtype = torch.float64 if exact_statistics() else torch.float32
+    def __init__(self, in_features: int, device: torch.device, *, exact: bool = False):
+        dtype = torch.float64 if exact else torch.float32
         self.sq_norms = torch.zeros(in_features, dtype=dtype, device=device)
         self.num_tokens = 0
 
@@ -27,16 +27,15 @@ class ColumnNormStatistics(InputStatistics):
         self.sq_norms += x.pow(2).sum(dim=0)
         self.num_tokens += x.shape[0]
 
-    def all_reduce(self) -> None:
-        all_reduce_(self.sq_norms)
-        self.num_tokens = int(all_reduce_numbers([self.num_tokens])[0])
+    def sums(self) -> list[torch.Tensor]:
+        return [self.sq_norms]
 
 
 class HessianStatistics(InputStatistics):
     """SparseGPT's layer Hessian H = 2/n * sum_t x_t x_t^T over the n calibration tokens seen."""
 
-    def __init__(self, in_features: int, device: torch.device):
-        self.exact = exact_statistics()
+    def __init__(self, in_features: int, device: torch.device, *, exact: bool = False):
+        self.exact = exact
         dtype = torch.float64 if self.exact else torch.float32
         self.xtx = torch.zeros(in_features, in_features, dtype=dtype, device=device)
         self.num_tokens = 0
@@ -49,9 +48,8 @@ class HessianStatistics(InputStatistics):
             self.xtx.addmm_(x.t(), x)
         self.num_tokens += x.shape[0]
 
-    def all_reduce(self) -> None:
-        all_reduce_(self.xtx)
-        self.num_tokens = int(all_reduce_numbers([self.num_tokens])[0])
+    def sums(self) -> list[torch.Tensor]:
+        return [self.xtx]
 
     @property
     def hessian(self) -> torch.Tensor:

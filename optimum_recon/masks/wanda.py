@@ -26,8 +26,8 @@ def wanda_prune(
 class Wanda(MaskMethod):
     name = "wanda"
 
-    def new_statistics(self, in_features: int, device: torch.device) -> ColumnNormStatistics:
-        return ColumnNormStatistics(in_features, device)
+    def new_statistics(self, in_features: int, device: torch.device, *, exact: bool = False) -> ColumnNormStatistics:
+        return ColumnNormStatistics(in_features, device, exact=exact)
 
     def prune(self, weight, stats, *, sparsity, nm, **options: Any) -> PruneResult:
         return wanda_prune(weight, stats.sq_norms, sparsity, nm)

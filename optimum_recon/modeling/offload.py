@@ -73,6 +73,16 @@ def check_device(device: torch.device | str | None) -> torch.device | None:
     return parsed
 
 
+@contextlib.contextmanager
+def weights_on(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Read access to ``module``'s own weights on ``device``, offloaded ones included (accelerate's weights map is
+    read, nothing is written back)."""
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module, device):
+        yield
+
+
 def hook_execution_device(module: nn.Module) -> torch.device | None:
     """The execution device accelerate assigned to ``module``, if it is dispatched."""
     hook = getattr(module, "_hf_hook", None)

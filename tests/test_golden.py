@@ -1,0 +1,75 @@
+"""Refactors change no number: prunes of tiny models give the very weights, masks and errors recorded before.
+
+`golden_prunes.json` holds a SHA-256 of every pruned model's weights and of its report's errors, for a few recipes
+that cover the mask methods, N:M, LR/BR/CR, local and global propagation and held-out windows. They were recorded
+with the torch version named in the file, one CPU thread; elsewhere the test is skipped (other kernels round
+differently). After a change that is *meant* to change numbers, record them again with
+`python tests/test_golden.py --write` and say why in the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import VOCAB, make_tiny_model  # noqa: E402
+
+from optimum_recon import PruningConfig, prune_model  # noqa: E402
+
+GOLDEN = Path(__file__).resolve().parent / "golden_prunes.json"
+
+RECIPES = {
+    "llama-sparsegpt-LR": ("llama", dict(method="sparsegpt", reconstruction="layer")),
+    "llama-wanda-2:4-BR": ("llama", dict(method="wanda", pattern="2:4", reconstruction="block", epochs=2,
+                                         batch_size=4)),
+    "gpt2-magnitude-CR-local": ("gpt2", dict(method="magnitude", reconstruction="cross_block", propagation="local",
+                                             epochs=1, batch_size=4, sparsity=0.6)),
+    "opt-sparsegpt-4:8-BR-lora": ("opt", dict(method="sparsegpt", pattern="4:8", reconstruction="block", epochs=1,
+                                              batch_size=4, lora_rank=4)),
+}
+
+
+def prune_digests() -> dict[str, str]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        digests = {}
+        for name, (arch, settings) in RECIPES.items():
+            model = make_tiny_model(arch)
+            generator = torch.Generator().manual_seed(3)
+            ids = torch.randint(0, VOCAB, (8, 16), generator=generator)
+            heldout = torch.randint(0, VOCAB, (4, 16), generator=generator)
+            report = prune_model(model, PruningConfig(**settings), ids, heldout_ids=heldout, progress=False)
+            digest = hashlib.sha256()
+            for key, tensor in sorted(model.state_dict().items()):
+                digest.update(key.encode())
+                digest.update(tensor.detach().contiguous().numpy().tobytes())
+            for block in report.blocks:
+                digest.update(repr((block.error, block.error_before, block.heldout_error, block.error_local,
+                                    [layer.sparsity for layer in block.layers])).encode())
+            digests[name] = digest.hexdigest()
+        return digests
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_prunes_match_the_recorded_ones():
+    recorded = json.loads(GOLDEN.read_text())
+    if recorded["torch"] != torch.__version__ or recorded["machine"] != platform.machine():
+        pytest.skip(f"recorded with torch {recorded['torch']} on {recorded['machine']}; this is torch "
+                    f"{torch.__version__} on {platform.machine()}")
+    assert prune_digests() == recorded["digests"]
+
+
+if __name__ == "__main__":
+    if "--write" in sys.argv:
+        GOLDEN.write_text(json.dumps({"torch": torch.__version__, "machine": platform.machine(),
+                                      "digests": prune_digests()}, indent=2) + "\n")
+        print(f"wrote {GOLDEN}")
