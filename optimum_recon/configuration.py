@@ -175,11 +175,12 @@ class PruningConfig:
             (CR: train sliding windows of `window` consecutive blocks jointly).
         propagation: `global` (GP: targets are the dense model's own hidden states) or `local` (targets are
             the dense block applied to the pruned model's inputs).
-        targets: Regular expressions matched (`re.search`) against linear-layer names inside a decoder
-            block (e.g. `self_attn.q_proj`); default: every linear layer of every block. Embeddings and the
-            LM head are never pruned.
-        ignore: Regular expressions of linear layers to leave dense; matched against both the name inside
-            the block and the full module name (e.g. `model.layers.0.mlp`).
+        targets: Linear layers to prune, by name inside a decoder block: `q_proj` (a name, or its last parts:
+            `self_attn.q_proj`), `mlp` (every layer of the MLP), matched on dot boundaries; or `re:<regex>`
+            matching a whole name. Default: every linear layer of every block. Embeddings and the LM head are
+            never pruned. An entry that matches no layer is warned about.
+        ignore: Linear layers to leave dense, written like `targets` and matched against both the name inside
+            the block and the full module name (`model.layers.0.mlp` is block 0's MLP, not block 10's).
         dampening: SparseGPT: Hessian dampening as a fraction of its mean diagonal.
         block_size: SparseGPT: columns processed together (lazy batch updates).
         epochs: BR/CR: passes over the calibration set per block (0: no training, i.e. LR).
@@ -210,8 +211,10 @@ class PruningConfig:
     reconstruction: str = _help("Reconstruction: layer (LR), block (BR) or cross_block (CR).", default="block")
     propagation: str = _help("Targets: global (dense model's hidden states) or local (dense block on pruned inputs).",
                              default="global")
-    targets: list[str] | None = _help("Regexes of linear layers (inside a block) to prune; default: all.", default=None)
-    ignore: list[str] = _help("Regexes of linear layers to leave dense.", default_factory=list)
+    targets: list[str] | None = _help("Linear layers to prune, by dotted name inside a block (q_proj, mlp, "
+                                      "self_attn.o_proj) or re:<regex>; default: all.", default=None)
+    ignore: list[str] = _help("Linear layers to leave dense, like targets; full names too (model.layers.0.mlp).",
+                              default_factory=list)
     dampening: float = _help("SparseGPT Hessian dampening, as a fraction of the mean diagonal.", default=0.01)
     block_size: int = _help("SparseGPT lazy-update block size (columns).", default=128)
     epochs: int = _help("BR/CR: epochs over the calibration set per block (0: no training).", default=10)
@@ -293,13 +296,19 @@ class PruningConfig:
             value = [value]
             setattr(self, name, value)
         if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
-            raise ValueError(f"{name}={value!r} is not valid: give a list of regular expressions (strings).")
+            raise ValueError(f"{name}={value!r} is not valid: give a list of layer names (strings).")
         setattr(self, name, list(value))
         for pattern in value:
+            regex = pattern[3:] if pattern.startswith("re:") else pattern
             try:
-                re.compile(pattern)
+                re.compile(regex)
             except re.error as err:
                 raise ValueError(f"{name} entry {pattern!r} is not a valid regular expression: {err}.") from None
+            if not pattern.startswith("re:") and re.search(r"[\\^$*+?()\[\]{}|]", pattern):
+                warnings.warn(f"{name} entry {pattern!r} looks like a regular expression: it is searched anywhere in "
+                              f"the layer names, as before. Write a dotted name ({pattern.strip('^$')!r} style, "
+                              f"matched on dot boundaries) or 're:{pattern}' for a regex that must match a whole "
+                              "name.", stacklevel=4)
 
     @property
     def nm(self) -> tuple[int, int] | None:

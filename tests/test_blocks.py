@@ -60,5 +60,28 @@ def test_targets_and_ignore_filters():
     _, blocks = find_blocks(make_tiny_model("llama"))
     names = [layer.name for layer in find_linear_layers(blocks[1], targets=["self_attn"], ignore=["o_proj"])]
     assert names == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-    full = find_linear_layers(blocks[1], ignore=[r"^model\.layers\.1\.mlp"], block_name="model.layers.1")
+    full = find_linear_layers(blocks[1], ignore=["model.layers.1.mlp"], block_name="model.layers.1")
     assert all(not layer.name.startswith("mlp") for layer in full)
+
+
+def test_entries_match_on_dot_boundaries_or_as_whole_regexes():
+    from optimum_recon.modeling.blocks import layer_matches
+
+    assert layer_matches("q_proj", "self_attn.q_proj") and layer_matches("self_attn.q_proj", "self_attn.q_proj")
+    assert layer_matches("mlp", "mlp.down_proj") and not layer_matches("proj", "self_attn.q_proj")
+    # an unanchored regex search took block 10 for block 1; dotted names do not
+    assert layer_matches("model.layers.1", "mlp.up_proj", "model.layers.1.mlp.up_proj")
+    assert not layer_matches("model.layers.1", "mlp.up_proj", "model.layers.10.mlp.up_proj")
+    assert layer_matches("re:self_attn\\.[qk]_proj", "self_attn.k_proj")
+    assert not layer_matches("re:[qk]_proj", "self_attn.k_proj")  # a regex must match the whole name
+    assert layer_matches("layers\\.1\\.", "x", "model.layers.1.x")  # an older recipe's regex: searched, as then
+
+
+def test_an_entry_that_matches_nothing_is_warned_about(calib_ids):
+    from optimum_recon import PruningConfig, prune_model
+
+    with pytest.warns(UserWarning, match="ignore entry 'q_porj' matches no linear layer"):
+        prune_model(make_tiny_model("llama"), PruningConfig(method="magnitude", reconstruction="layer",
+                                                            ignore=["q_porj"]), calib_ids, progress=False)
+    with pytest.warns(UserWarning, match="looks like a regular expression"):
+        PruningConfig(targets=["mlp\\."])

@@ -132,7 +132,7 @@ def test_sparsegpt_beats_magnitude_on_block_error(calib_ids):
 def test_targets_and_ignore_choose_the_layers(calib_ids):
     model = make_tiny_model("llama")
     dense = copy.deepcopy(model)
-    config = PruningConfig(method="magnitude", targets=[r"mlp\."], ignore=[r"layers\.1\."], reconstruction="layer")
+    config = PruningConfig(method="magnitude", targets=["mlp"], ignore=["layers.1"], reconstruction="layer")
     report = prune_model(model, config, calib_ids, progress=False)
     pruned_names = {layer.name for block in report.blocks for layer in block.layers}
     assert pruned_names == {f"model.layers.{i}.mlp.{p}_proj" for i in (0, 2) for p in ("gate", "up", "down")}

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dist
 from ..configuration import PruningConfig
 from ..masks import get_mask_method
-from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers
+from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers, layer_matches
 from ..modeling.offload import check_device, execution_device, onload, release_host_memory
 from ..reconstruction import WindowTask, get_reconstruction
 from ..report import BlockRecord, PruningReport, peak_cuda_mib, peak_rss_mib
@@ -68,6 +68,18 @@ def validate_layers(plan: list[list[LinearLayer]], config: PruningConfig, blocks
                     f"{blocks_path}.{i}.{layer.name} has {layer.in_features} inputs. Pick an M that divides it "
                     f"or leave the layer dense with ignore=[{layer.name!r}]."
                 )
+
+
+def _warn_unmatched(blocks, config: PruningConfig, blocks_path: str) -> None:
+    """A `targets` / `ignore` entry that names no linear layer is almost always a typo: say so, with real names."""
+    every = [(layer.name, f"{blocks_path}.{i}.{layer.name}") for i, block in enumerate(blocks)
+             for layer in find_linear_layers(block)]
+    examples = ", ".join(dict.fromkeys(name for name, _ in every[:3])) or "none"
+    for label, entries in (("targets", config.targets or []), ("ignore", config.ignore)):
+        for pattern in entries:
+            if not any(layer_matches(pattern, name, *([full] if label == "ignore" else [])) for name, full in every):
+                warnings.warn(f"{label} entry {pattern!r} matches no linear layer in {blocks_path} (names look like "
+                              f"{examples}; see PruningConfig.targets for how entries match).", stacklevel=4)
 
 
 class _Split:
@@ -313,6 +325,7 @@ def prune_model(
     progress = progress and dist.is_main_process()
     path, blocks = find_blocks(model, blocks_path)
     plan = [find_linear_layers(b, config.targets, config.ignore, f"{path}.{i}") for i, b in enumerate(blocks)]
+    _warn_unmatched(blocks, config, path)
     validate_layers(plan, config, path)
     _check_sizes(config, len(blocks), input_ids.shape[0])
     k = input_ids.shape[0] if statistics_samples is None else statistics_samples

@@ -118,6 +118,27 @@ def _is_linear(module: nn.Module) -> tuple[bool, bool]:
     return False, False
 
 
+_REGEX_CHARACTERS = re.compile(r"[\\^$*+?()\[\]{}|]")
+
+
+def layer_matches(pattern: str, *names: str) -> bool:
+    """Whether a `targets` / `ignore` entry names a layer called ``names`` (inside the block, and in full).
+
+    * ``"re:<regex>"``: the regular expression must match a whole name (`re.fullmatch`);
+    * anything else is a dotted name that must stand in the layer's name on dot boundaries: ``"q_proj"`` is the
+      layer ``self_attn.q_proj``, ``"mlp"`` every layer of the MLP, ``"model.layers.1"`` every layer of block 1 but
+      not of block 10 (an unanchored regex search would take those too);
+    * an entry with regex characters but no ``re:`` (written for versions that searched regexes) is searched as
+      before (`re.search`); `PruningConfig` warns about it.
+    """
+    if pattern.startswith("re:"):
+        return any(re.fullmatch(pattern[3:], name) for name in names)
+    if _REGEX_CHARACTERS.search(pattern):
+        return any(re.search(pattern, name) for name in names)
+    wanted = f".{pattern.strip('.')}."
+    return any(wanted in f".{name}." for name in names)
+
+
 def find_linear_layers(
     block: nn.Module,
     targets: list[str] | None = None,
@@ -126,8 +147,8 @@ def find_linear_layers(
 ) -> list[LinearLayer]:
     """The linear layers of ``block`` to prune, in module order.
 
-    ``targets``: regexes searched in the name inside the block; ``None`` means every linear layer.
-    ``ignore``: regexes searched in the name inside the block and in the full name ``block_name.name``.
+    ``targets``: entries (`layer_matches`) matched against the name inside the block; ``None`` means every linear
+    layer. ``ignore``: entries matched against the name inside the block and the full name ``block_name.name``.
     """
     layers = []
     for name, module in block.named_modules():
@@ -135,9 +156,9 @@ def find_linear_layers(
         if not is_linear:
             continue
         full_name = f"{block_name}.{name}" if block_name else name
-        if targets is not None and not any(re.search(p, name) for p in targets):
+        if targets is not None and not any(layer_matches(p, name) for p in targets):
             continue
-        if ignore and any(re.search(p, name) or re.search(p, full_name) for p in ignore):
+        if ignore and any(layer_matches(p, name, full_name) for p in ignore):
             continue
         layers.append(LinearLayer(name=name, module=module, transposed=transposed))
     return layers
