@@ -12,22 +12,26 @@ from .version import __version__
 
 _LAZY = {
     "CalibrationConfig": ".configuration",
+    "CalibrationSet": ".data.calibration_set",
     "ModelLoadError": ".modeling.loading",
     "OutputFolderError": ".folders",
     "PruningConfig": ".configuration",
     "PruningReport": ".report",
     "ReconPruner": ".pruner",
+    "Runtime": ".engine.runtime",
     "evaluate_perplexity": ".evaluation",
     "prune_model": ".engine.sequential",
 }
 
 __all__ = [
     "CalibrationConfig",
+    "CalibrationSet",
     "ModelLoadError",
     "OutputFolderError",
     "PruningConfig",
     "PruningReport",
     "ReconPruner",
+    "Runtime",
     "__version__",
     "evaluate_perplexity",
     "prune_model",
@@ -35,6 +39,8 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .configuration import CalibrationConfig, PruningConfig
+    from .data.calibration_set import CalibrationSet
+    from .engine.runtime import Runtime
     from .engine.sequential import prune_model
     from .evaluation import evaluate_perplexity
     from .folders import OutputFolderError

@@ -14,10 +14,11 @@ import torch
 
 from . import distributed as dist
 from .configuration import PruningConfig
-from .data.calibration import sample_calibration_windows
+from .data.calibration_set import CalibrationSet, build_calibration_set, external_windows
 from .data.default_model import DEFAULT_MODEL_NAME
 from .data.sources import check_source
 from .engine.checkpoint import check_checkpoint_dir
+from .engine.runtime import Runtime
 from .engine.sequential import prune_model
 from .evaluation import PerplexityResult, evaluate_perplexity
 from .folders import check_output_dir
@@ -53,15 +54,6 @@ def _recorded_warnings() -> Iterator[list[str]]:
             notes.extend(str(w.message) for w in caught if issubclass(w.category, UserWarning))
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-
-
-def _external_windows(tokenizer, config: PruningConfig) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The calibration and held-out windows of the external (not self-generated) part of the calibration data."""
-    cal = config.calibration
-    if cal.external_source is None:
-        return None
-    external = dataclasses.replace(cal, source=cal.external_source)
-    return sample_calibration_windows(tokenizer, external, with_heldout=True)
 
 
 class ReconPruner:
@@ -140,7 +132,7 @@ class ReconPruner:
                 model_kwargs[key] = value
         tokenizer = load_tokenizer(path, model_kwargs.get("trust_remote_code", False))
         with _recorded_warnings() as notes:
-            windows = _external_windows(tokenizer, config) if read_calibration else None
+            windows = external_windows(tokenizer, config.calibration) if read_calibration else None
         model = load_model(path, dtype=dtype, allow_missing_weights=allow_missing_weights, **model_kwargs)
         model_id = DEFAULT_MODEL_NAME if model_id_or_path is None else str(model_id_or_path)
         pruner = cls(model, tokenizer, config, model_id=model_id, blocks_path=blocks_path)
@@ -148,45 +140,27 @@ class ReconPruner:
         pruner._prepared = (dataclasses.asdict(config.calibration), windows, notes)
         return pruner
 
+    def calibration_set(
+        self, data: Sequence[str] | torch.Tensor | None = None, *, progress: bool = False
+    ) -> CalibrationSet:
+        """The `CalibrationSet` a `prune` with ``data`` uses (see `build_calibration_set`): from
+        ``config.calibration`` (read before the model was loaded, then the dense model's self-generated windows),
+        from a list of texts, or token ids (N, T) (then without held-out windows)."""
+        cal = self.config.calibration
+        prepared = getattr(self, "_prepared", None)
+        external = None
+        if data is None and prepared is not None and prepared[0] == dataclasses.asdict(cal):
+            external = prepared[1]  # read before the model was loaded (its notes were shown then)
+            self._early_notes = prepared[2]
+        return build_calibration_set(self.tokenizer, cal, data, model=self.model, external=external,
+                                     progress=progress)
+
     def calibration_ids(
         self, data: Sequence[str] | torch.Tensor | None = None, *, progress: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Calibration windows (N, seq_len) and held-out windows (or None).
-
-        From ``config.calibration`` (external windows first, then the dense model's self-generated samples),
-        from a list of texts, or given as token ids (then without held-out windows).
-        """
-        if isinstance(data, torch.Tensor):
-            return data, None
-        cal = self.config.calibration
-        if data is not None:
-            return sample_calibration_windows(self.tokenizer, cal, list(data), with_heldout=True)
-        ids, heldout = None, None
-        prepared = getattr(self, "_prepared", None)
-        if prepared is not None and prepared[0] == dataclasses.asdict(cal) and prepared[1] is not None:
-            ids, heldout = prepared[1]  # read before the model was loaded (its notes were shown then)
-            self._early_notes = prepared[2]
-        elif cal.external_source is not None:
-            ids, heldout = _external_windows(self.tokenizer, self.config)
-        if cal.self_samples:
-            from .data.self_generate import load_or_generate
-
-            generated = load_or_generate(self.model, self.tokenizer, cal, progress=progress)
-            own = torch.tensor(generated["input_ids"], dtype=torch.long)
-            ids = own if ids is None else torch.cat([ids, own])
-            if heldout is None and cal.heldout_samples:
-                more = load_or_generate(self.model, self.tokenizer, dataclasses.replace(cal, seed=cal.seed + 1),
-                                        num_samples=cal.heldout_samples, progress=progress)
-                heldout = torch.tensor(more["input_ids"], dtype=torch.long)
-        return ids, heldout
-
-    def _statistics_samples(self, ids: torch.Tensor, data: Any) -> int | None:
-        """How many leading windows feed the masks: the external ones when self-generated samples only feed
-        reconstruction (the paper's setting)."""
-        cal = self.config.calibration
-        if data is not None or not cal.self_samples or cal.self_use == "all" or cal.external_source is None:
-            return None
-        return ids.shape[0] - cal.self_samples
+        """Calibration windows (N, seq_len) and held-out windows (or None) of `calibration_set`."""
+        calibration = self.calibration_set(data, progress=progress)
+        return calibration.ids, calibration.heldout
 
     def prune(
         self,
@@ -213,29 +187,16 @@ class ReconPruner:
             raise RuntimeError("this model is already pruned; load it again to prune with other settings.")
         if checkpoint_dir is not None:
             check_checkpoint_dir(checkpoint_dir, protect=[self.source_folder])
+        runtime = Runtime(device=device, progress=progress, checkpoint_dir=checkpoint_dir,
+                          activation_offload=activation_offload, activation_folder=activation_folder,
+                          blocks_path=self.blocks_path)
         with _recorded_warnings() as notes:
-            ids, heldout = self.calibration_ids(calibration_data, progress=progress)
+            calibration = self.calibration_set(calibration_data, progress=progress)
             self._interrupted = True  # until prune_model returns: the weights in memory are half pruned
-            report = prune_model(
-                self.model, self.config, ids, heldout_ids=heldout, device=device, blocks_path=self.blocks_path,
-                progress=progress, statistics_samples=self._statistics_samples(ids, calibration_data),
-                checkpoint_dir=checkpoint_dir, activation_offload=activation_offload,
-                activation_folder=activation_folder,
-            )
+            report = prune_model(self.model, self.config, calibration, runtime)
             self._interrupted = False
         # e.g. "c4 could not be loaded from the Hub; using ...", shown when the data was read
         report.notes = list(dict.fromkeys(getattr(self, "_early_notes", []) + notes))
-        cal = self.config.calibration
-        generated = cal.self_samples if calibration_data is None else 0
-        report.calibration = {
-            "windows": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "self_generated": generated,
-            "external": int(ids.shape[0]) - generated, "heldout": 0 if heldout is None else int(heldout.shape[0]),
-            "for_masks": self._statistics_samples(ids, calibration_data) or int(ids.shape[0]),
-        }
-        if generated:
-            from .data.self_generate import generation_settings
-
-            report.calibration["generation"] = generation_settings(cal, cal.seq_len)
         self.report = report
         for name, value in self._dense_perplexity.items():
             self.report.perplexity.setdefault(name, {})["dense"] = value

@@ -13,9 +13,13 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from optimum_recon import Runtime  # noqa: E402
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Architectures of the core test matrix: config kwargs small enough for milliseconds per forward.
+QUIET = Runtime(progress=False)  # prune_model without progress bars
+
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "opt", "gpt2")
 VOCAB = 128
 

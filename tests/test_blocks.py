@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import QUIET, make_tiny_model
 from torch import nn
 
 from optimum_recon.modeling import find_blocks, find_linear_layers
@@ -82,6 +82,6 @@ def test_an_entry_that_matches_nothing_is_warned_about(calib_ids):
 
     with pytest.warns(UserWarning, match="ignore entry 'q_porj' matches no linear layer"):
         prune_model(make_tiny_model("llama"), PruningConfig(method="magnitude", reconstruction="layer",
-                                                            ignore=["q_porj"]), calib_ids, progress=False)
+                                                            ignore=["q_porj"]), calib_ids, QUIET)
     with pytest.warns(UserWarning, match="looks like a regular expression"):
         PruningConfig(targets=["mlp\\."])

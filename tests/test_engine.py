@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import QUIET, make_tiny_model
 
-from optimum_recon import PruningConfig, prune_model
+from optimum_recon import CalibrationSet, PruningConfig, prune_model
 from optimum_recon.engine import capture_block_inputs
 from optimum_recon.engine.steps import BlockPasses
 from optimum_recon.modeling import find_blocks, find_linear_layers
@@ -54,7 +54,7 @@ def test_captured_inputs_reproduce_the_forward_pass(arch, calib_ids):
 def test_prune_matrix(arch, method, pattern, calib_ids):
     model = make_tiny_model(arch)
     config = PruningConfig(method=method, pattern=pattern, reconstruction="layer")
-    report = prune_model(model, config, calib_ids, progress=False)
+    report = prune_model(model, config, calib_ids, QUIET)
     _, blocks = find_blocks(model)
     assert len(report.blocks) == len(blocks)
     for block in blocks:
@@ -77,7 +77,7 @@ def test_recorded_errors_match_an_independent_computation(arch, calib_ids):
     dense = make_tiny_model(arch)
     model = copy.deepcopy(dense)
     config = PruningConfig(method="wanda", propagation="local", reconstruction="layer")
-    report = prune_model(model, config, calib_ids, progress=False)
+    report = prune_model(model, config, calib_ids, QUIET)
     dense_out = block_outputs(dense, calib_ids)
     pruned_out = block_outputs(model, calib_ids)
     _, dense_blocks = find_blocks(dense)
@@ -102,8 +102,8 @@ def test_recorded_errors_match_an_independent_computation(arch, calib_ids):
 
 def test_batch_size_does_not_change_the_result(calib_ids):
     a, b = make_tiny_model("llama"), make_tiny_model("llama")
-    ra = prune_model(a, PruningConfig(reconstruction="layer", batch_size=1), calib_ids, progress=False)
-    rb = prune_model(b, PruningConfig(reconstruction="layer", batch_size=12), calib_ids, progress=False)
+    ra = prune_model(a, PruningConfig(reconstruction="layer", batch_size=1), calib_ids, QUIET)
+    rb = prune_model(b, PruningConfig(reconstruction="layer", batch_size=12), calib_ids, QUIET)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa == 0, pb == 0)
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
@@ -112,8 +112,8 @@ def test_batch_size_does_not_change_the_result(calib_ids):
 
 def test_pruning_is_deterministic(calib_ids):
     a, b = make_tiny_model("qwen2"), make_tiny_model("qwen2")
-    prune_model(a, PruningConfig(reconstruction="layer"), calib_ids, progress=False)
-    report = prune_model(b, PruningConfig(reconstruction="layer"), calib_ids, progress=False)
+    prune_model(a, PruningConfig(reconstruction="layer"), calib_ids, QUIET)
+    report = prune_model(b, PruningConfig(reconstruction="layer"), calib_ids, QUIET)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
     # bit-identity also needs the same CPU thread count: the report records it
@@ -125,7 +125,7 @@ def test_sparsegpt_beats_magnitude_on_block_error(calib_ids):
     for method in ("sparsegpt", "magnitude"):
         model = make_tiny_model("llama")
         config = PruningConfig(method=method, reconstruction="layer")
-        errors[method] = prune_model(model, config, calib_ids, progress=False).final_error
+        errors[method] = prune_model(model, config, calib_ids, QUIET).final_error
     assert errors["sparsegpt"] < errors["magnitude"]
 
 
@@ -133,7 +133,7 @@ def test_targets_and_ignore_choose_the_layers(calib_ids):
     model = make_tiny_model("llama")
     dense = copy.deepcopy(model)
     config = PruningConfig(method="magnitude", targets=["mlp"], ignore=["layers.1"], reconstruction="layer")
-    report = prune_model(model, config, calib_ids, progress=False)
+    report = prune_model(model, config, calib_ids, QUIET)
     pruned_names = {layer.name for block in report.blocks for layer in block.layers}
     assert pruned_names == {f"model.layers.{i}.mlp.{p}_proj" for i in (0, 2) for p in ("gate", "up", "down")}
     for name, param in model.named_parameters():
@@ -144,25 +144,25 @@ def test_targets_and_ignore_choose_the_layers(calib_ids):
 def test_nm_width_error_names_the_layer_before_any_work(calib_ids):
     model = make_tiny_model("llama", hidden_size=30, num_attention_heads=3, num_key_value_heads=3, head_dim=10)
     with pytest.raises(ValueError, match=r"pattern='2:3'.*divisible by 3.*model\.layers\.0\.mlp\.down_proj"):
-        prune_model(model, PruningConfig(pattern="2:3", targets=["down_proj"]), calib_ids, progress=False)
+        prune_model(model, PruningConfig(pattern="2:3", targets=["down_proj"]), calib_ids, QUIET)
     model = make_tiny_model("llama")
     with pytest.raises(ValueError, match="divisible by 3"):
-        prune_model(model, PruningConfig(pattern="2:3"), calib_ids, progress=False)
+        prune_model(model, PruningConfig(pattern="2:3"), calib_ids, QUIET)
 
 
 def test_no_layers_left_is_an_error(calib_ids):
     with pytest.raises(ValueError, match="no linear layers to prune"):
-        prune_model(make_tiny_model("llama"), PruningConfig(targets=["nothing"]), calib_ids, progress=False)
+        prune_model(make_tiny_model("llama"), PruningConfig(targets=["nothing"]), calib_ids, QUIET)
 
 
 def test_bad_calibration_shape(calib_ids):
     with pytest.raises(ValueError, match="num_samples, seq_len"):
-        prune_model(make_tiny_model("llama"), PruningConfig(), calib_ids[0], progress=False)
+        prune_model(make_tiny_model("llama"), PruningConfig(), calib_ids[0], QUIET)
 
 
 def test_token_ids_outside_the_vocabulary(calib_ids):
     with pytest.raises(ValueError, match="outside the model's vocabulary of 128"):
-        prune_model(make_tiny_model("llama"), PruningConfig(), calib_ids + 128, progress=False)
+        prune_model(make_tiny_model("llama"), PruningConfig(), calib_ids + 128, QUIET)
 
 
 def test_layers_sharing_an_input_share_their_statistics(calib_ids):
@@ -200,7 +200,7 @@ def test_statistics_come_from_the_pruned_models_inputs_only(reconstruction, cali
                         or real(self, w, st, **kw))
     model = make_tiny_model("llama")
     config = PruningConfig(method="sparsegpt", reconstruction=reconstruction, epochs=0, batch_size=5)
-    prune_model(model, config, calib_ids, heldout_ids=calib_ids.flip(0)[:3], progress=False)
+    prune_model(model, config, CalibrationSet(calib_ids, heldout=calib_ids.flip(0)[:3]), QUIET)
     _, blocks = find_blocks(model)
     inputs = {}
     for i, block in enumerate(blocks):

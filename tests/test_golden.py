@@ -19,9 +19,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import VOCAB, make_tiny_model  # noqa: E402
+from conftest import QUIET, VOCAB, make_tiny_model  # noqa: E402
 
-from optimum_recon import PruningConfig, prune_model  # noqa: E402
+from optimum_recon import CalibrationSet, PruningConfig, prune_model  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden_prunes.json"
 
@@ -46,7 +46,7 @@ def prune_digests() -> dict[str, str]:
             generator = torch.Generator().manual_seed(3)
             ids = torch.randint(0, VOCAB, (8, 16), generator=generator)
             heldout = torch.randint(0, VOCAB, (4, 16), generator=generator)
-            report = prune_model(model, PruningConfig(**settings), ids, heldout_ids=heldout, progress=False)
+            report = prune_model(model, PruningConfig(**settings), CalibrationSet(ids, heldout=heldout), QUIET)
             digest = hashlib.sha256()
             for key, tensor in sorted(model.state_dict().items()):
                 digest.update(key.encode())

@@ -167,7 +167,7 @@ def test_non_positive_definite_hessian_raises_dampening():
 
 
 def test_engine_warns_when_dampening_was_raised(monkeypatch):
-    from conftest import make_tiny_model
+    from conftest import QUIET, make_tiny_model
 
     from optimum_recon import PruningConfig, prune_model
     from optimum_recon.masks import sparsegpt as sgpt
@@ -177,7 +177,7 @@ def test_engine_warns_when_dampening_was_raised(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prune_model(make_tiny_model("llama"), PruningConfig(reconstruction="layer"), torch.randint(0, 100, (4, 16)),
-                    progress=False)
+                    QUIET)
     assert any("not positive definite" in str(w.message) and "used 0.1" in str(w.message) for w in caught)
 
 

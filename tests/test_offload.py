@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import QUIET, make_tiny_model
 from transformers import AutoModelForCausalLM
 
-from optimum_recon import PruningConfig, prune_model
+from optimum_recon import CalibrationSet, PruningConfig, Runtime, prune_model
 
 DISK_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
             "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
@@ -36,11 +36,11 @@ def test_disk_offload_equals_in_memory(checkpoint, tmp_path, reconstruction):
     config = PruningConfig(method="sparsegpt", pattern="2:4", reconstruction=reconstruction, epochs=2, batch_size=4)
     before = _digest(checkpoint)
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    ref_report = prune_model(reference, config, _ids(), progress=False)
+    ref_report = prune_model(reference, config, _ids(), QUIET)
     offloaded = AutoModelForCausalLM.from_pretrained(checkpoint, device_map=DISK_MAP, offload_folder=tmp_path / "off",
                                                      dtype=torch.float32)
     assert offloaded.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
-    report = prune_model(offloaded, config, _ids(), progress=False)
+    report = prune_model(offloaded, config, _ids(), QUIET)
     assert [b.error for b in report.blocks] == [b.error for b in ref_report.blocks]
     with torch.no_grad():  # later forwards and generate see the pruned weights
         assert torch.equal(offloaded(input_ids=_ids()).logits, reference(input_ids=_ids()).logits)
@@ -58,10 +58,10 @@ def test_cpu_offload_equals_in_memory(tmp_path):
 
     config = PruningConfig(method="wanda", reconstruction="block", epochs=2, batch_size=4)
     reference, offloaded = make_tiny_model("llama"), make_tiny_model("llama")
-    prune_model(reference, config, _ids(), progress=False)
+    prune_model(reference, config, _ids(), QUIET)
     cpu_offload(offloaded, execution_device=torch.device("cpu"))
     assert offloaded.model.layers[0].mlp.up_proj.weight.device.type == "meta"
-    prune_model(offloaded, config, _ids(), progress=False)
+    prune_model(offloaded, config, _ids(), QUIET)
     with torch.no_grad():
         assert torch.equal(offloaded(input_ids=_ids()).logits, reference(input_ids=_ids()).logits)
     from optimum_recon.hub.save import save_pruned_model
@@ -91,7 +91,7 @@ def test_a_failed_block_keeps_its_offloaded_weights(checkpoint, tmp_path, monkey
     real = sequential.apply_masks
     monkeypatch.setattr(sequential, "apply_masks", failing)
     with pytest.raises(RuntimeError, match="simulated failure"):
-        prune_model(offloaded, PruningConfig(reconstruction="layer"), _ids(), progress=False)
+        prune_model(offloaded, PruningConfig(reconstruction="layer"), _ids(), QUIET)
     q = offloaded.model.layers[1].self_attn.q_proj
     assert q.weight.device.type == "meta" and q._hf_hook.offload  # hooks restored
     stored = q._hf_hook.weights_map["weight"]
@@ -144,12 +144,13 @@ def test_interrupted_then_resumed_run_equals_the_straight_run(tmp_path, monkeypa
                            epochs=2, batch_size=4, lora_rank=0)
     heldout = _ids().flip(0)[:4]
     straight = make_tiny_model("qwen2")
-    expected = prune_model(straight, config, _ids(), heldout_ids=heldout, progress=False)
+    expected = prune_model(straight, config, CalibrationSet(_ids(), heldout=heldout), QUIET)
 
     real = _interrupt_at_finalize(monkeypatch, 2)
     resumed = make_tiny_model("qwen2")
     with pytest.raises(KeyboardInterrupt):
-        prune_model(resumed, config, _ids(), heldout_ids=heldout, progress=False, checkpoint_dir=tmp_path / "ck")
+        prune_model(resumed, config, CalibrationSet(_ids(), heldout=heldout),
+                    Runtime(progress=False, checkpoint_dir=tmp_path / "ck"))
     if window > 1:  # blocks 2..window-1+1 were partly trained when the run stopped: the checkpoint holds them
         assert (tmp_path / "ck" / "window-2.pt").is_file()
     finished, trained = [], []
@@ -161,8 +162,8 @@ def test_interrupted_then_resumed_run_equals_the_straight_run(tmp_path, monkeypa
     assert earlier > 0
     fresh = make_tiny_model("qwen2")  # a new process would start from the dense checkpoint again
     with pytest.warns(UserWarning, match="resuming from .*blocks 0-1 were finished by an earlier run"):
-        report = prune_model(fresh, config, _ids(), heldout_ids=heldout, progress=False,
-                             checkpoint_dir=tmp_path / "ck")
+        report = prune_model(fresh, config, CalibrationSet(_ids(), heldout=heldout),
+                             Runtime(progress=False, checkpoint_dir=tmp_path / "ck"))
     assert finished == [2, 3]  # blocks 0 and 1 were restored, not redone
     assert report.resumed_seconds == pytest.approx(earlier)
     assert report.total_seconds > earlier  # the report's time includes the interrupted call's
@@ -179,8 +180,8 @@ def test_interrupted_then_resumed_run_equals_the_straight_run(tmp_path, monkeypa
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == sorted(
         [f"block-{j}.safetensors" for j in range(4)] + ["activations-4.pt", "state.json", ".optimum-recon.json"])
     with pytest.raises(ValueError, match="another recipe"):
-        prune_model(make_tiny_model("qwen2"), PruningConfig(method="wanda"), _ids(), progress=False,
-                    checkpoint_dir=tmp_path / "ck")
+        prune_model(make_tiny_model("qwen2"), PruningConfig(method="wanda"), _ids(),
+                    Runtime(progress=False, checkpoint_dir=tmp_path / "ck"))
 
 
 @pytest.mark.parametrize("reconstruction", ["block", "cross_block"])
@@ -191,7 +192,7 @@ def test_an_interruption_while_saving_keeps_the_previous_checkpoint(tmp_path, mo
 
     config = PruningConfig(method="wanda", reconstruction=reconstruction, epochs=1, batch_size=4)
     straight = make_tiny_model("llama")
-    prune_model(straight, config, _ids(), progress=False)
+    prune_model(straight, config, _ids(), QUIET)
 
     real_atomic = checkpoint._atomic
     states = []
@@ -205,10 +206,10 @@ def test_an_interruption_while_saving_keeps_the_previous_checkpoint(tmp_path, mo
 
     monkeypatch.setattr(checkpoint, "_atomic", crash_on_third_state)
     with pytest.raises(KeyboardInterrupt):
-        prune_model(make_tiny_model("llama"), config, _ids(), progress=False, checkpoint_dir=tmp_path / "ck")
+        prune_model(make_tiny_model("llama"), config, _ids(), Runtime(progress=False, checkpoint_dir=tmp_path / "ck"))
     monkeypatch.setattr(checkpoint, "_atomic", real_atomic)
     fresh = make_tiny_model("llama")
-    prune_model(fresh, config, _ids(), progress=False, checkpoint_dir=tmp_path / "ck")
+    prune_model(fresh, config, _ids(), Runtime(progress=False, checkpoint_dir=tmp_path / "ck"))
     for a, b in zip(fresh.parameters(), straight.parameters()):
         assert torch.equal(a, b)
 
@@ -231,9 +232,9 @@ def test_activations_on_disk_give_the_same_result(tmp_path, reconstruction, prop
                            batch_size=4)
     heldout = _ids().flip(0)[:4]
     in_memory, on_disk = make_tiny_model("gemma2", num_hidden_layers=6), make_tiny_model("gemma2", num_hidden_layers=6)
-    a = prune_model(in_memory, config, _ids(), heldout_ids=heldout, progress=False)
-    b = prune_model(on_disk, config, _ids(), heldout_ids=heldout, progress=False, activation_offload="disk",
-                    activation_folder=tmp_path / "acts")
+    a = prune_model(in_memory, config, CalibrationSet(_ids(), heldout=heldout), QUIET)
+    b = prune_model(on_disk, config, CalibrationSet(_ids(), heldout=heldout),
+                    Runtime(progress=False, activation_offload="disk", activation_folder=tmp_path / "acts"))
     for pa, pb in zip(in_memory.parameters(), on_disk.parameters()):
         assert torch.equal(pa, pb)
     assert [r.error for r in a.blocks] == [r.error for r in b.blocks]
@@ -244,7 +245,8 @@ def test_activations_on_disk_give_the_same_result(tmp_path, reconstruction, prop
 
 def test_activation_offload_bad_value():
     with pytest.raises(ValueError, match="activation_offload='ram'"):
-        prune_model(make_tiny_model("llama"), PruningConfig(), _ids(), activation_offload="ram", progress=False)
+        prune_model(make_tiny_model("llama"), PruningConfig(), _ids(),
+                    Runtime(activation_offload="ram", progress=False))
 
 
 def test_offloaded_save_writes_block_by_block(checkpoint, tmp_path, monkeypatch):
@@ -254,10 +256,10 @@ def test_offloaded_save_writes_block_by_block(checkpoint, tmp_path, monkeypatch)
 
     config = PruningConfig(method="wanda")
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    prune_model(reference, config, _ids(), progress=False)
+    prune_model(reference, config, _ids(), QUIET)
     offloaded = AutoModelForCausalLM.from_pretrained(checkpoint, device_map=DISK_MAP, offload_folder=tmp_path / "off",
                                                      dtype=torch.float32)
-    prune_model(offloaded, config, _ids(), progress=False)
+    prune_model(offloaded, config, _ids(), QUIET)
 
     shards, real_save = [], modeling_utils.safe_save_file
 
@@ -290,7 +292,7 @@ def test_full_offload_disk_is_reported_and_leaves_the_weights_intact(checkpoint,
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 100, 100))
     with pytest.raises(OSError, match=r"needs .* free.*finished are intact"):
-        prune_model(offloaded, PruningConfig(method="wanda", reconstruction="layer"), _ids(), progress=False)
+        prune_model(offloaded, PruningConfig(method="wanda", reconstruction="layer"), _ids(), QUIET)
     monkeypatch.undo()
     from transformers.integrations.accelerate import load_offloaded_parameter
 

@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import QUIET, make_tiny_model
 
-from optimum_recon import PruningConfig, prune_model
+from optimum_recon import CalibrationSet, PruningConfig, prune_model
 from optimum_recon.modeling import find_blocks, find_linear_layers
 from optimum_recon.reconstruction import RECONSTRUCTIONS, BlockReconstruction, CrossBlockReconstruction
 
@@ -30,8 +30,8 @@ def _zeros_and_groups_ok(model, nm=None):
 
 def test_br_lowers_the_error_against_lr_on_every_architecture(arch, calib_ids):
     lr_model, br_model = make_tiny_model(arch), make_tiny_model(arch)
-    lr = prune_model(lr_model, PruningConfig(method="wanda", reconstruction="layer", **FAST), calib_ids, progress=False)
-    br = prune_model(br_model, PruningConfig(method="wanda", reconstruction="block", **FAST), calib_ids, progress=False)
+    lr = prune_model(lr_model, PruningConfig(method="wanda", reconstruction="layer", **FAST), calib_ids, QUIET)
+    br = prune_model(br_model, PruningConfig(method="wanda", reconstruction="block", **FAST), calib_ids, QUIET)
     for record in br.blocks:
         assert record.error < record.error_before  # training helped every block
     assert br.blocks[0].error_before == pytest.approx(lr.blocks[0].error, rel=1e-5)  # same masks, same start
@@ -43,7 +43,7 @@ def test_br_lowers_the_error_against_lr_on_every_architecture(arch, calib_ids):
 def test_masks_stay_fixed_and_nm_groups_valid_after_training(reconstruction, calib_ids):
     model = make_tiny_model("gpt2")  # Conv1D: masks in the transposed layout
     config = PruningConfig(method="sparsegpt", pattern="2:4", reconstruction=reconstruction, **FAST)
-    prune_model(model, config, calib_ids, progress=False)
+    prune_model(model, config, calib_ids, QUIET)
     _zeros_and_groups_ok(model, (2, 4))
 
 
@@ -92,7 +92,7 @@ def test_targets_match_an_independent_reference(spy, propagation, calib_ids):
     dense = make_tiny_model("qwen2")
     model = copy.deepcopy(dense)
     config = PruningConfig(method="magnitude", reconstruction="spy", propagation=propagation, batch_size=12)
-    prune_model(model, config, calib_ids, progress=False)
+    prune_model(model, config, calib_ids, QUIET)
     dense_blocks, dense_io = _dense_block_io(dense, calib_ids)
     for i, call in enumerate(spy.calls):
         if propagation == "global":  # the dense model's own hidden state after block i
@@ -115,7 +115,7 @@ def test_cross_block_windows_and_masks_chosen_once(spy, calib_ids, monkeypatch):
     real = Wanda.prune
     monkeypatch.setattr(Wanda, "prune", lambda self, w, s, **kw: calls.append(1) or real(self, w, s, **kw))
     model = make_tiny_model("llama", num_hidden_layers=4)
-    report = prune_model(model, PruningConfig(method="wanda", reconstruction="spy"), calib_ids, progress=False)
+    report = prune_model(model, PruningConfig(method="wanda", reconstruction="spy"), calib_ids, QUIET)
     _, blocks = find_blocks(model)
     windows = [[list(blocks).index(b) for b in call["blocks"]] for call in spy.calls]
     assert windows == [[0], [0, 1], [1, 2], [2, 3], [3]]  # the paper's schedule: L + 1 windows, stride 1
@@ -143,7 +143,7 @@ def test_cross_block_keeps_only_the_dense_activations_still_needed(propagation, 
     monkeypatch.setattr(_Run, "finalize", finalize)
     model = make_tiny_model("llama", num_hidden_layers=5)
     prune_model(model, PruningConfig(method="wanda", reconstruction="cross_block", window=3, epochs=1, batch_size=4,
-                                     propagation=propagation), calib_ids, progress=False)
+                                     propagation=propagation), calib_ids, QUIET)
     # after finishing s (window s..s+2) the targets x̄_{s+2}, x̄_{s+3} of the blocks left; x̄_5 is the run's end
     assert depths == [[2, 3], [3, 4], [4, 5], [5], [5]]
 
@@ -164,7 +164,7 @@ def test_br_measures_the_error_before_at_masking_without_a_snapshot(calib_ids, m
         return real_reconstruct(self, s, e, step, device)
 
     monkeypatch.setattr(_Run, "reconstruct", reconstruct)
-    now = prune_model(make_tiny_model("qwen2"), config, calib_ids, heldout_ids=heldout, progress=False)
+    now = prune_model(make_tiny_model("qwen2"), config, CalibrationSet(calib_ids, heldout=heldout), QUIET)
     assert held == [0] * len(now.blocks) and now.blocks[1].error < now.blocks[1].error_before
 
     real_init = _Run.__init__
@@ -175,7 +175,7 @@ def test_br_measures_the_error_before_at_masking_without_a_snapshot(calib_ids, m
 
     monkeypatch.setattr(_Run, "__init__", snapshot_route)
     held.clear()
-    later = prune_model(make_tiny_model("qwen2"), config, calib_ids, heldout_ids=heldout, progress=False)
+    later = prune_model(make_tiny_model("qwen2"), config, CalibrationSet(calib_ids, heldout=heldout), QUIET)
     assert held == [1] * len(later.blocks)
     for a, b in zip(now.blocks, later.blocks):
         assert (a.error_before, a.heldout_error_before, a.error) == (b.error_before, b.heldout_error_before, b.error)
@@ -183,8 +183,7 @@ def test_br_measures_the_error_before_at_masking_without_a_snapshot(calib_ids, m
 
 def test_cross_block_trains_windows_jointly(calib_ids):
     model = make_tiny_model("llama")
-    report = prune_model(model, PruningConfig(method="wanda", reconstruction="cross_block", **FAST), calib_ids,
-                         progress=False)
+    report = prune_model(model, PruningConfig(method="wanda", reconstruction="cross_block", **FAST), calib_ids, QUIET)
     assert [w["window"] for w in report.blocks[1].reconstruction["windows"]] == [[0, 1], [1, 2]]
     assert all(len(w["loss_per_epoch"]) == 4 for w in report.blocks[1].reconstruction["windows"])
     _zeros_and_groups_ok(model)
@@ -193,28 +192,27 @@ def test_cross_block_trains_windows_jointly(calib_ids):
 def test_training_is_reproducible(calib_ids):
     a, b = make_tiny_model("mistral"), make_tiny_model("mistral")
     config = PruningConfig(method="wanda", reconstruction="block", **FAST)
-    prune_model(a, config, calib_ids, progress=False)
-    prune_model(b, config, calib_ids, progress=False)
+    prune_model(a, config, calib_ids, QUIET)
+    prune_model(b, config, calib_ids, QUIET)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
 
 
 def test_loss_curve_goes_down_and_epochs_zero_is_lr(calib_ids):
-    report = prune_model(make_tiny_model("llama"), PruningConfig(method="magnitude", **FAST), calib_ids,
-                         progress=False)
+    report = prune_model(make_tiny_model("llama"), PruningConfig(method="magnitude", **FAST), calib_ids, QUIET)
     losses = report.blocks[-1].reconstruction["windows"][0]["loss_per_epoch"]
     assert losses[-1] < losses[0]
     a, b = make_tiny_model("llama"), make_tiny_model("llama")
-    prune_model(a, PruningConfig(method="sparsegpt", epochs=0), calib_ids, progress=False)
-    prune_model(b, PruningConfig(method="sparsegpt", reconstruction="layer"), calib_ids, progress=False)
+    prune_model(a, PruningConfig(method="sparsegpt", epochs=0), calib_ids, QUIET)
+    prune_model(b, PruningConfig(method="sparsegpt", reconstruction="layer"), calib_ids, QUIET)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
 
 
 def test_gradient_checkpointing_gives_the_same_weights(calib_ids):
     a, b = make_tiny_model("gemma2"), make_tiny_model("gemma2")
-    prune_model(a, PruningConfig(method="wanda", **FAST), calib_ids, progress=False)
-    prune_model(b, PruningConfig(method="wanda", gradient_checkpointing=True, **FAST), calib_ids, progress=False)
+    prune_model(a, PruningConfig(method="wanda", **FAST), calib_ids, QUIET)
+    prune_model(b, PruningConfig(method="wanda", gradient_checkpointing=True, **FAST), calib_ids, QUIET)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6)
     # the checkpointing wrappers are gone afterwards
@@ -224,8 +222,7 @@ def test_gradient_checkpointing_gives_the_same_weights(calib_ids):
 
 def test_bf16_autocast_trains(calib_ids):
     model = make_tiny_model("llama")
-    report = prune_model(model, PruningConfig(method="wanda", train_dtype="bfloat16", **FAST), calib_ids,
-                         progress=False)
+    report = prune_model(model, PruningConfig(method="wanda", train_dtype="bfloat16", **FAST), calib_ids, QUIET)
     assert all(torch.isfinite(torch.tensor(r.error)) for r in report.blocks)
     assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
     _zeros_and_groups_ok(model)
@@ -236,8 +233,8 @@ def test_heldout_errors_are_reported_and_do_not_change_the_result(calib_ids):
     heldout = torch.randint(0, 128, (6, 24))
     a, b = make_tiny_model("opt"), make_tiny_model("opt")
     config = PruningConfig(method="sparsegpt", **FAST)
-    ra = prune_model(a, config, calib_ids, progress=False)
-    rb = prune_model(b, config, calib_ids, heldout_ids=heldout, progress=False)
+    ra = prune_model(a, config, calib_ids, QUIET)
+    rb = prune_model(b, config, CalibrationSet(calib_ids, heldout=heldout), QUIET)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)  # held-out windows never influence masks or training
     assert ra.blocks[-1].heldout_error is None
@@ -248,7 +245,7 @@ def test_bad_sizes_warn_with_what_was_done(calib_ids):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prune_model(make_tiny_model("llama"), PruningConfig(reconstruction="cross_block", window=9, epochs=1,
-                                                            batch_size=64), calib_ids, progress=False)
+                                                            batch_size=64), calib_ids, QUIET)
     messages = " ".join(str(w.message) for w in caught)
     assert "window=9 is larger than the model's 3 blocks; using 3" in messages
     assert "batch_size=64 is larger than the 12 calibration windows" in messages
@@ -269,9 +266,8 @@ def test_registry_names():
 @pytest.mark.parametrize("arch_name", ["llama", "gpt2"])
 def test_lora_merges_through_the_mask(arch_name, calib_ids):
     full_model, lora_model = make_tiny_model(arch_name), make_tiny_model(arch_name)
-    full = prune_model(full_model, PruningConfig(method="wanda", pattern="2:4", **FAST), calib_ids, progress=False)
-    lora = prune_model(lora_model, PruningConfig(method="wanda", pattern="2:4", lora_rank=2, **FAST), calib_ids,
-                       progress=False)
+    full = prune_model(full_model, PruningConfig(method="wanda", pattern="2:4", **FAST), calib_ids, QUIET)
+    lora = prune_model(lora_model, PruningConfig(method="wanda", pattern="2:4", lora_rank=2, **FAST), calib_ids, QUIET)
     _zeros_and_groups_ok(lora_model, (2, 4))
     for record in lora.blocks:
         assert record.error < record.error_before
@@ -294,7 +290,7 @@ def test_lora_rebuilds_merged_weights_for_the_backward_instead_of_keeping_them(a
     kept = make_tiny_model(arch_name)
     with monkeypatch.context() as patch:
         patch.setattr(training, "recomputed_merges", contextlib.nullcontext)
-        prune_model(kept, config, calib_ids, progress=False)
+        prune_model(kept, config, calib_ids, QUIET)
 
     weight_shapes = {tuple(layer.weight.shape) for _, blocks in [find_blocks(kept)] for block in blocks
                      for layer in find_linear_layers(block)}
@@ -308,7 +304,7 @@ def test_lora_rebuilds_merged_weights_for_the_backward_instead_of_keeping_them(a
 
     monkeypatch.setattr(lora_module, "_pack", pack)
     rebuilt = make_tiny_model(arch_name)
-    prune_model(rebuilt, config, calib_ids, progress=False)
+    prune_model(rebuilt, config, calib_ids, QUIET)
     rebuilds = [p for p in packed if isinstance(p, lora_module._Rebuild)]
     kept_shapes = {p for p in packed if not isinstance(p, lora_module._Rebuild)}
     assert rebuilds and not weight_shapes & (kept_shapes | {s[::-1] for s in kept_shapes if len(s) == 2})
@@ -322,7 +318,7 @@ def test_plot_of_block_errors(calib_ids, tmp_path):
 
     heldout = calib_ids.flip(0)[:4]
     reports = {name: prune_model(make_tiny_model("llama"), PruningConfig(method="wanda", reconstruction=name, **FAST),
-                                 calib_ids, heldout_ids=heldout, progress=False) for name in ("layer", "block")}
+                                 CalibrationSet(calib_ids, heldout=heldout), QUIET) for name in ("layer", "block")}
     path = plot_block_errors(reports, tmp_path / "errors.png")
     data = (tmp_path / "errors.png").read_bytes()
     assert path.endswith("errors.png") and data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
@@ -332,6 +328,6 @@ def test_training_batches_of_a_size_no_data_batch_has(calib_ids):
     """12 windows split 6 + 6 (masks from the first 6) with batch_size 8: training batches of 8 get their
     block arguments from a probe captured for that size."""
     model = make_tiny_model("gemma2")
-    report = prune_model(model, PruningConfig(method="wanda", epochs=2, batch_size=8), calib_ids,
-                         statistics_samples=6, progress=False)
+    report = prune_model(model, PruningConfig(method="wanda", epochs=2, batch_size=8),
+                         CalibrationSet(calib_ids, for_masks=6), QUIET)
     assert all(w["steps"] == 2 for b in report.blocks for w in b.reconstruction["windows"])

@@ -39,7 +39,7 @@ def run_one(shape: str, rank: int, steps: int, seq_len: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from optimum_recon import PruningConfig, prune_model
+    from optimum_recon import PruningConfig, Runtime, prune_model
 
     hidden, intermediate, heads, kv_heads = SHAPES[shape]
     config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1,
@@ -53,7 +53,7 @@ def run_one(shape: str, rank: int, steps: int, seq_len: int) -> dict:
                            lora_rank=rank)
     before = rss_mib()[0]
     start = time.perf_counter()
-    report = prune_model(model, recipe, ids, progress=False)
+    report = prune_model(model, recipe, ids, Runtime(progress=False))
     seconds = time.perf_counter() - start
     window = report.blocks[0].reconstruction["windows"][0]
     block = model.model.layers[0]

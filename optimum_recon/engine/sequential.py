@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import time
 import warnings
 from typing import Any
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from ..configuration import PruningConfig
+from ..data.calibration_set import CalibrationSet
 from ..masks import get_mask_method
 from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers, layer_matches
 from ..modeling.offload import check_device, execution_device, onload, release_host_memory
@@ -45,6 +45,7 @@ from .activations import ActivationStore
 from .capture import BlockInputs, capture_block_inputs
 from .checkpoint import Checkpointer
 from .resume import resume_run, save_checkpoint
+from .runtime import Runtime
 from .steps import BlockPasses, ErrorMeter, StatisticsHooks, apply_masks, param_masks
 
 logger = logging.getLogger(__name__)
@@ -281,37 +282,25 @@ def _check_sizes(config: PruningConfig, num_blocks: int, num_samples: int) -> No
 def prune_model(
     model: nn.Module,
     config: PruningConfig,
-    input_ids: torch.Tensor,
-    *,
-    heldout_ids: torch.Tensor | None = None,
-    statistics_samples: int | None = None,
-    device: torch.device | str | None = None,
-    blocks_path: str | None = None,
-    progress: bool = True,
-    checkpoint_dir: str | os.PathLike | None = None,
-    activation_offload: str = "cpu",
-    activation_folder: str | os.PathLike | None = None,
+    calibration: CalibrationSet | torch.Tensor,
+    runtime: Runtime | None = None,
 ) -> PruningReport:
-    """Prune (and reconstruct) ``model`` in place, block by block, on the calibration windows ``input_ids``.
+    """Prune (and reconstruct) ``model`` in place, block by block, on the calibration windows.
 
     Args:
         model: A causal LM whose decoder blocks can be found (see `optimum_recon.modeling.find_blocks`).
         config: What to prune and how; ``config.batch_size`` windows go through each forward pass.
-        input_ids: Calibration token ids (num_samples, seq_len), unpadded.
-        heldout_ids: Optional held-out windows: propagated and measured, never used for masks or training.
-        statistics_samples: Only the first this many calibration windows feed the mask statistics (the rest,
-            e.g. self-generated samples, feed reconstruction only); default: all.
-        device: Where blocks run; default: accelerate's choice, the block's GPU, else any GPU, else CPU.
-        blocks_path: Attribute path of the decoder-block ``ModuleList`` when it cannot be discovered.
-        progress: Show a progress bar.
-        checkpoint_dir: Save progress here after every block, and resume from it when it holds an interrupted
-            run with the same recipe, model and calibration data (CR too: the partly trained window is saved).
-        activation_offload: Keep the activations between blocks in CPU memory (``"cpu"``) or in files
-            (``"disk"``, under ``activation_folder`` or the optimum-recon cache; deleted at the end).
+        calibration: The `CalibrationSet` (calibration windows, which feed the masks, held-out windows), or just
+            calibration token ids (num_samples, seq_len), unpadded, all feeding the masks, without held-out windows.
+        runtime: Device, progress bars, checkpointing and activation placement (`Runtime`; default: its defaults).
 
     Returns:
         A `PruningReport` with per-block errors, sparsity and training curves.
     """
+    calibration = CalibrationSet.of(calibration)
+    runtime = runtime if runtime is not None else Runtime()
+    input_ids, heldout_ids = calibration.ids, calibration.heldout
+    device, progress = runtime.device, runtime.progress
     vocab = model.get_input_embeddings().num_embeddings
     for name, ids in (("input_ids", input_ids), ("heldout_ids", heldout_ids)):
         if ids is not None and (ids.ndim != 2 or ids.shape[0] == 0):
@@ -323,16 +312,16 @@ def prune_model(
     start = time.perf_counter()
     dist.init_distributed()
     progress = progress and dist.is_main_process()
-    path, blocks = find_blocks(model, blocks_path)
+    path, blocks = find_blocks(model, runtime.blocks_path)
     plan = [find_linear_layers(b, config.targets, config.ignore, f"{path}.{i}") for i, b in enumerate(blocks)]
     _warn_unmatched(blocks, config, path)
     validate_layers(plan, config, path)
     _check_sizes(config, len(blocks), input_ids.shape[0])
-    k = input_ids.shape[0] if statistics_samples is None else statistics_samples
+    k = calibration.num_for_masks
     batches = [b for part in (input_ids[:k], input_ids[k:]) for b in part.split(config.batch_size) if len(b)]
     _check_ranks(config, model, input_ids, heldout_ids, k, len(batches))
 
-    store = ActivationStore(activation_offload, activation_folder)
+    store = ActivationStore(runtime.activation_offload, runtime.activation_folder)
     was_training = model.training
     model.eval()
     try:
@@ -357,8 +346,9 @@ def prune_model(
         first_k = -(-k // config.batch_size)  # global batches holding the first k windows
         run.statistics_batches = {i for i, b in enumerate(mine) if b < first_k}
         run.sample_rows = sample_rows
-        report = PruningReport(config=config.to_dict(), num_calibration_tokens=int(input_ids.numel()))
-        checkpointer, start_block = resume_run(run, report, checkpoint_dir, input_ids, heldout_ids)
+        report = PruningReport(config=config.to_dict(), num_calibration_tokens=int(input_ids.numel()),
+                               calibration=calibration.describe())
+        checkpointer, start_block = resume_run(run, report, runtime.checkpoint_dir, input_ids, heldout_ids)
         _loop(run, report, progress, checkpointer, start_block)
     finally:
         model.train(was_training)

@@ -1,0 +1,123 @@
+"""The calibration set of one prune: every window it uses, which of them feed the masks, and where each came from.
+
+Built once (`build_calibration_set`) from a `CalibrationConfig` (external windows first, then the windows the dense
+model generated itself), from a list of texts, or from token ids; the engine consumes it as it is and nothing else
+re-derives it. Notation: N calibration windows of T tokens, of which the first K feed the mask statistics (all N
+feed reconstruction); H held-out windows, never used for masks or training, on which errors are also measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ..configuration import CalibrationConfig
+from .calibration import sample_calibration_windows
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The windows of one prune.
+
+    Args:
+        ids: (N, T) token ids; the first ``for_masks`` rows feed the mask statistics, all of them reconstruction.
+        heldout: (H, T) held-out token ids, or None.
+        for_masks: K, how many leading windows feed the masks (None: all N).
+        self_generated: How many of the N windows the dense model generated itself (they come last).
+        generation: The generation settings of those windows (for the report), if any.
+    """
+
+    ids: torch.Tensor
+    heldout: torch.Tensor | None = None
+    for_masks: int | None = None
+    self_generated: int = 0
+    generation: dict[str, Any] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, ids in (("calibration ids", self.ids), ("held-out ids", self.heldout)):
+            if ids is not None and (not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] == 0):
+                shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+                raise ValueError(f"{name} must be (num_samples, seq_len), got {shape}.")
+        if self.for_masks is not None and not 0 < self.for_masks <= self.num_windows:
+            raise ValueError(f"for_masks={self.for_masks} is not valid: between 1 and the {self.num_windows} windows.")
+
+    @classmethod
+    def of(cls, data: "CalibrationSet | torch.Tensor") -> "CalibrationSet":
+        """``data`` itself, or token ids (N, T) as a set without held-out windows whose every window feeds the masks."""
+        return data if isinstance(data, CalibrationSet) else cls(data)
+
+    @property
+    def num_windows(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def num_for_masks(self) -> int:
+        """K: the leading windows that feed the mask statistics."""
+        return self.num_windows if self.for_masks is None else self.for_masks
+
+    def describe(self) -> dict[str, Any]:
+        """What the report records about the calibration data."""
+        info = {"windows": self.num_windows, "seq_len": int(self.ids.shape[1]), "self_generated": self.self_generated,
+                "external": self.num_windows - self.self_generated,
+                "heldout": 0 if self.heldout is None else int(self.heldout.shape[0]), "for_masks": self.num_for_masks}
+        if self.generation is not None:
+            info["generation"] = self.generation
+        return info
+
+
+def external_windows(tokenizer, config: CalibrationConfig) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The calibration and held-out windows of the external (not self-generated) part of ``config``'s source."""
+    if config.external_source is None:
+        return None
+    external = dataclasses.replace(config, source=config.external_source)
+    return sample_calibration_windows(tokenizer, external, with_heldout=True)
+
+
+def build_calibration_set(
+    tokenizer,
+    config: CalibrationConfig,
+    data: Sequence[str] | torch.Tensor | None = None,
+    *,
+    model=None,
+    external: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    progress: bool = False,
+) -> CalibrationSet:
+    """The calibration set of a prune.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        config: The calibration settings.
+        data: Texts to cut the windows from, or token ids (N, T) (then without held-out windows); default: the
+            settings' source.
+        model: The dense model, needed when the source includes self-generated windows (``"c4+self:256"``).
+        external: The external windows when they were already read (`external_windows`, e.g. before the model
+            was loaded).
+        progress: Show the self-generation progress bar.
+    """
+    if isinstance(data, torch.Tensor):
+        return CalibrationSet(data)
+    if data is not None:
+        ids, heldout = sample_calibration_windows(tokenizer, config, list(data), with_heldout=True)
+        return CalibrationSet(ids, heldout)
+    ids, heldout = external if external is not None else (external_windows(tokenizer, config) or (None, None))
+    if not config.self_samples:
+        return CalibrationSet(ids, heldout)
+    from .self_generate import generation_settings, load_or_generate
+
+    if model is None:
+        raise ValueError(f"calibration source {config.source!r} includes self-generated text: pass the dense model.")
+    generated = load_or_generate(model, tokenizer, config, progress=progress)
+    own = torch.tensor(generated["input_ids"], dtype=torch.long)
+    if heldout is None and config.heldout_samples:
+        more = load_or_generate(model, tokenizer, dataclasses.replace(config, seed=config.seed + 1),
+                                num_samples=config.heldout_samples, progress=progress)
+        heldout = torch.tensor(more["input_ids"], dtype=torch.long)
+    # the paper's setting: self-generated windows feed reconstruction only, the masks come from the external ones
+    masks_from_external = ids is not None and config.self_use == "reconstruction"
+    return CalibrationSet(
+        own if ids is None else torch.cat([ids, own]), heldout,
+        for_masks=int(ids.shape[0]) if masks_from_external else None, self_generated=int(own.shape[0]),
+        generation=generation_settings(config, config.seq_len))
