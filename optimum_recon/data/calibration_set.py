@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..configuration import CalibrationConfig
 from .calibration import sample_calibration_windows
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,11 @@ def external_windows(tokenizer, config: CalibrationConfig) -> tuple[torch.Tensor
 
 
 def build_calibration_set(
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     config: CalibrationConfig,
     data: Sequence[str] | torch.Tensor | None = None,
     *,
-    model=None,
+    model: PreTrainedModel | None = None,
     external: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     progress: bool = False,
 ) -> CalibrationSet:
