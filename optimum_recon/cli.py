@@ -86,7 +86,7 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_flags(prune)
     for flag, (cls, name, kind) in _RECIPE_FLAGS.items():
-        kwargs: dict[str, Any] = {"help": field_help(cls, name), "default": field_default(cls, name)}
+        kwargs: dict[str, Any] = {"help": field_help(cls, name).replace("%", "%%"), "default": field_default(cls, name)}
         if kind == "list":
             kwargs.update(nargs="+")
         elif kind == "pair":

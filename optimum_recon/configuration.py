@@ -1,13 +1,14 @@
 """Configuration dataclasses: what to prune, how, and on which calibration data.
 
-Both configs are flat, typed dataclasses. Every field has its help text once (in ``metadata``), which
-the CLI reuses. ``__post_init__`` validates user input and raises ``ValueError`` naming the field, the
-bad value and what is allowed. ``PruningConfig`` round-trips through one versioned JSON file,
-``pruning_config.json``; keys written by a newer version are dropped with a warning.
+Both configs are flat, typed dataclasses. Every field has its help text once, in the class docstring's
+``Args`` (`field_help` reads it for the CLI). ``__post_init__`` validates user input and raises ``ValueError``
+naming the field, the bad value and what is allowed. ``PruningConfig`` round-trips through one versioned JSON
+file, ``pruning_config.json``; keys written by a newer version are dropped with a warning.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -49,10 +50,6 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
-
-
 @dataclass
 class CalibrationConfig:
     """Where the calibration text comes from and how it is cut into windows.
@@ -82,24 +79,20 @@ class CalibrationConfig:
     or `"c4+self:N"` (`num_samples` windows of C4 plus N generated samples).
     """
 
-    source: str = _help("Calibration text: c4, wikitext2, ptb, a Hub dataset id or a local file/folder.", default="c4")
-    num_samples: int = _help("Number of calibration windows.", default=128)
-    seq_len: int = _help("Tokens per calibration window.", default=512)
-    seed: int = _help("Seed for choosing documents and window offsets.", default=0)
-    text_column: str | None = _help("Column holding the text (default: 'text').", default=None)
-    split: str | None = _help("Dataset split for Hub datasets (default: 'train').", default=None)
-    heldout_samples: int = _help("Extra windows from the same source, never used for masks or training, on which "
-                                 "the reconstruction error is also reported (0: none).", default=0)
-    self_use: str = _help("Self-generated samples feed 'reconstruction' only (masks from external data) or 'all'.",
-                          default="reconstruction")
-    self_temperature: float = _help("Self-generation: sampling temperature.", default=1.0)
-    self_top_k: int = _help("Self-generation: top-k sampling (0: off).", default=50)
-    self_top_p: float = _help("Self-generation: nucleus sampling threshold.", default=1.0)
-    self_prompts: list[str] | None = _help("Self-generation: prompts to start from (default: a random first token).",
-                                           default=None)
-    self_on_eos: str = _help("Self-generation: 'continue' past the end-of-sequence token or 'resample'.",
-                             default="continue")
-    self_batch_size: int = _help("Self-generation: sequences generated together.", default=16)
+    source: str = "c4"
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    text_column: str | None = None
+    split: str | None = None
+    heldout_samples: int = 0
+    self_use: str = "reconstruction"
+    self_temperature: float = 1.0
+    self_top_k: int = 50
+    self_top_p: float = 1.0
+    self_prompts: list[str] | None = None
+    self_on_eos: str = "continue"
+    self_batch_size: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
@@ -205,31 +198,26 @@ class PruningConfig:
         ```
     """
 
-    sparsity: float = _help("Fraction of weights pruned in each layer, in [0, 1); N:M fixes it to 1-N/M.", default=0.5)
-    pattern: str = _help("'unstructured' or 'N:M' (e.g. '2:4').", default="unstructured")
-    method: str = _help("Mask method: sparsegpt, wanda or magnitude.", default="sparsegpt")
-    reconstruction: str = _help("Reconstruction: layer (LR), block (BR) or cross_block (CR).", default="block")
-    propagation: str = _help("Targets: global (dense model's hidden states) or local (dense block on pruned inputs).",
-                             default="global")
-    targets: list[str] | None = _help("Linear layers to prune, by dotted name inside a block (q_proj, mlp, "
-                                      "self_attn.o_proj) or re:<regex>; default: all.", default=None)
-    ignore: list[str] = _help("Linear layers to leave dense, like targets; full names too (model.layers.0.mlp).",
-                              default_factory=list)
-    dampening: float = _help("SparseGPT Hessian dampening, as a fraction of the mean diagonal.", default=0.01)
-    block_size: int = _help("SparseGPT lazy-update block size (columns).", default=128)
-    epochs: int = _help("BR/CR: epochs over the calibration set per block (0: no training).", default=10)
-    lr: float = _help("BR/CR: AdamW learning rate (linear decay to 0, no warm-up).", default=2e-4)
-    batch_size: int = _help("Calibration windows per training step and per forward pass.", default=8)
-    adam_betas: tuple[float, float] = _help("BR/CR: AdamW betas.", default=(0.9, 0.95))
-    weight_decay: float = _help("BR/CR: AdamW weight decay.", default=0.0)
-    window: int = _help("CR: consecutive blocks trained jointly (windows slide by one block).", default=2)
-    train_dtype: str = _help("BR/CR: float32, or bfloat16/float16 autocast.", default="float32")
-    gradient_checkpointing: bool = _help("BR/CR: gradient checkpointing inside each block.", default=False)
-    lora_rank: int = _help("BR/CR: train rank-r updates of the pruned weights through their masks instead of the "
-                           "full weights (0: full training).", default=0)
-    lora_alpha: float | None = _help("BR/CR with lora_rank: scale alpha/r of the low-rank update (default: r).",
-                                     default=None)
-    calibration: CalibrationConfig = _help("Calibration data.", default_factory=CalibrationConfig)
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    method: str = "sparsegpt"
+    reconstruction: str = "block"
+    propagation: str = "global"
+    targets: list[str] | None = None
+    ignore: list[str] = field(default_factory=list)
+    dampening: float = 0.01
+    block_size: int = 128
+    epochs: int = 10
+    lr: float = 2e-4
+    batch_size: int = 8
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    window: int = 2
+    train_dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.calibration, dict):
@@ -422,11 +410,18 @@ def _split_known(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], list[
 
 
 def field_help(cls: type, name: str) -> str:
-    """The help text of a config field (used by the CLI so that it is written once)."""
+    """The help text of a config field, read from the class docstring's ``Args:`` entry: written once, for the API
+    reference, the CLI's ``--help`` and the docs alike."""
     for f in fields(cls):
         if f.name == name:
-            return f.metadata.get("help", "")
-    raise KeyError(name)
+            break
+    else:
+        raise KeyError(name)
+    doc = inspect.getdoc(cls) or ""
+    match = re.search(rf"^    {re.escape(name)}: (.*(?:\n {{8}}.*)*)", doc, re.M)
+    if match is None:
+        raise KeyError(f"{cls.__name__}.{name} has no entry in the class docstring's Args")
+    return " ".join(match.group(1).split()).replace("`", "")
 
 
 def field_default(cls: type, name: str) -> Any:

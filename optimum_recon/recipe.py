@@ -6,44 +6,34 @@ the configuration dataclasses only, so that neither has to import the other.
 
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import Any
+
 from .configuration import CalibrationConfig, PruningConfig, field_default
 
-# CLI flag -> (dataclass, field). Lists take several values: --targets q_proj k_proj.
-RECIPE_FLAGS = {
-    "sparsity": (PruningConfig, "sparsity", float),
-    "pattern": (PruningConfig, "pattern", str),
-    "method": (PruningConfig, "method", str),
-    "reconstruction": (PruningConfig, "reconstruction", str),
-    "propagation": (PruningConfig, "propagation", str),
-    "targets": (PruningConfig, "targets", "list"),
-    "ignore": (PruningConfig, "ignore", "list"),
-    "dampening": (PruningConfig, "dampening", float),
-    "block-size": (PruningConfig, "block_size", int),
-    "epochs": (PruningConfig, "epochs", int),
-    "lr": (PruningConfig, "lr", float),
-    "batch-size": (PruningConfig, "batch_size", int),
-    "adam-betas": (PruningConfig, "adam_betas", "pair"),
-    "weight-decay": (PruningConfig, "weight_decay", float),
-    "window": (PruningConfig, "window", int),
-    "train-dtype": (PruningConfig, "train_dtype", str),
-    "gradient-checkpointing": (PruningConfig, "gradient_checkpointing", "flag"),
-    "lora-rank": (PruningConfig, "lora_rank", int),
-    "lora-alpha": (PruningConfig, "lora_alpha", float),
-    "calibration": (CalibrationConfig, "source", str),
-    "num-samples": (CalibrationConfig, "num_samples", int),
-    "seq-len": (CalibrationConfig, "seq_len", int),
-    "seed": (CalibrationConfig, "seed", int),
-    "text-column": (CalibrationConfig, "text_column", str),
-    "calibration-split": (CalibrationConfig, "split", str),
-    "heldout-samples": (CalibrationConfig, "heldout_samples", int),
-    "self-use": (CalibrationConfig, "self_use", str),
-    "self-temperature": (CalibrationConfig, "self_temperature", float),
-    "self-top-k": (CalibrationConfig, "self_top_k", int),
-    "self-top-p": (CalibrationConfig, "self_top_p", float),
-    "self-on-eos": (CalibrationConfig, "self_on_eos", str),
-    "self-batch-size": (CalibrationConfig, "self_batch_size", int),
-    "self-prompts": (CalibrationConfig, "self_prompts", "list"),
-}
+# Flags whose name is not the field's (the calibration source is the most used calibration setting).
+_RENAMED = {(CalibrationConfig, "source"): "calibration", (CalibrationConfig, "split"): "calibration-split"}
+# How a field's annotation is parsed on the command line. Lists take several values: --targets q_proj k_proj.
+_KINDS = {"float": float, "int": int, "str": str, "float | None": float, "str | None": str, "bool": "flag",
+          "list[str]": "list", "list[str] | None": "list", "tuple[float, float]": "pair"}
+
+
+def _recipe_flags() -> dict[str, tuple[type, str, Any]]:
+    """CLI flag -> (dataclass, field, kind), for every field of the two configs, in their order: the table is
+    derived from the dataclasses, so a new field is a new flag with its docstring as help."""
+    flags = {}
+    for cls in (PruningConfig, CalibrationConfig):
+        for f in fields(cls):
+            if f.name == "calibration":
+                continue
+            kind = _KINDS.get(str(f.type))
+            if kind is None:  # pragma: no cover - a new field of a type the table does not know
+                raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for the type {f.type!r}")
+            flags[_RENAMED.get((cls, f.name), f.name.replace("_", "-"))] = (cls, f.name, kind)
+    return flags
+
+
+RECIPE_FLAGS = _recipe_flags()
 
 
 _TRAINING_FLAGS = {"epochs", "lr", "batch-size", "adam-betas", "weight-decay", "window", "train-dtype",

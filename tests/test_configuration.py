@@ -82,3 +82,17 @@ def test_save_into_a_file_is_refused(tmp_path):
 
 def test_string_regexes_become_lists():
     assert PruningConfig(ignore="lm_head").ignore == ["lm_head"]
+
+
+def test_every_field_has_its_help_once_and_a_flag():
+    from dataclasses import fields
+
+    from optimum_recon.configuration import field_help
+    from optimum_recon.recipe import RECIPE_FLAGS
+
+    for cls in (PruningConfig, CalibrationConfig):
+        for f in fields(cls):
+            assert len(field_help(cls, f.name)) > 10, f.name  # from the class docstring's Args
+            assert not f.metadata, f"{cls.__name__}.{f.name}: help belongs in the docstring"
+    assert {name for _, name, _ in RECIPE_FLAGS.values()} == {
+        f.name for cls in (PruningConfig, CalibrationConfig) for f in fields(cls)} - {"calibration"}
