@@ -44,6 +44,9 @@ def _files(sub: str) -> list[Path]:
     ("evaluation", ("optimum_recon.pruner", "accelerate")),
     ("engine", ("optimum_recon.pruner", "optimum_recon.cli", "accelerate")),
     ("pruner.py", ("accelerate",)),
+    ("engine/state.py", ("optimum_recon.engine.sequential",)),  # the state knows nothing of the steps
+    ("engine/checkpoint.py", ("optimum_recon.engine.sequential", "optimum_recon.engine.state")),
+    ("data", ("optimum_recon.engine", "optimum_recon.pruner", "optimum_recon.cli")),
     ("recipe.py", ("optimum_recon.cli", "optimum_recon.pruner", "torch")),
 ])
 def test_layers_import_only_what_they_may(sub, forbidden):

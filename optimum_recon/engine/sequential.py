@@ -27,7 +27,6 @@ import copy
 import logging
 import time
 import warnings
-from typing import Any
 
 import torch
 from torch import nn
@@ -36,17 +35,16 @@ from tqdm.auto import tqdm
 from .. import distributed as dist
 from ..configuration import PruningConfig
 from ..data.calibration_set import CalibrationSet
-from ..masks import get_mask_method
 from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers, layer_matches
 from ..modeling.offload import check_device, execution_device, onload, release_host_memory
 from ..reconstruction import WindowTask, get_reconstruction
 from ..report import BlockRecord, PruningReport, peak_cuda_mib, peak_rss_mib
 from .activations import ActivationStore
-from .capture import BlockInputs, capture_block_inputs
+from .capture import capture_block_inputs
 from .checkpoint import Checkpointer
-from .resume import resume_run, save_checkpoint
 from .runtime import Runtime
-from .steps import BlockPasses, ErrorMeter, StatisticsHooks, apply_masks, param_masks
+from .state import RunState, Split
+from .steps import ErrorMeter, StatisticsHooks, apply_masks, param_masks
 
 logger = logging.getLogger(__name__)
 
@@ -83,62 +81,8 @@ def _warn_unmatched(blocks, config: PruningConfig, blocks_path: str) -> None:
                               f"{examples}; see PruningConfig.targets for how entries match).", stacklevel=4)
 
 
-class _Split:
-    """One data split (calibration or held-out): captured arguments and activations by depth."""
-
-    def __init__(self, inputs: BlockInputs, store: ActivationStore, name: str):
-        self.name = name  # "calibration" or "heldout": the key of its errors in the report
-        self.passes = BlockPasses(inputs)
-        hidden = store.adopt(inputs.hidden)
-        inputs.hidden = []  # the store holds them now (on disk with activation_offload="disk")
-        self.sparse: dict[int, Any] = {0: hidden}
-        self.dense: dict[int, Any] = {0: hidden}  # the same list: x_0 == x̄_0
-        self.local: dict[int, Any] = {}
-
-    def drop(self, depth: int, kinds: tuple[str, ...] = ("sparse", "dense", "local")) -> None:
-        """Forget the activations of ``kinds`` at ``depth``, deleting files no other depth still uses."""
-        stores = (self.sparse, self.dense, self.local)
-        gone = [getattr(self, kind).pop(depth, None) for kind in kinds]
-        kept = [v for store in stores for v in store.values()]
-        for value in {id(v): v for v in gone if v is not None}.values():
-            if hasattr(value, "release") and not any(value is k for k in kept):
-                value.release()
-
-
-class _Run:
-    """State of one prune: the schedule, the current masks and the activations in flight."""
-
-    def __init__(self, model, blocks, path, plan, config, calib: BlockInputs, heldout: BlockInputs | None, device,
-                 store: ActivationStore | None = None, clock: float | None = None):
-        self.model, self.blocks, self.path, self.plan, self.config = model, blocks, path, plan, config
-        self.store = store if store is not None else ActivationStore()
-        self.method = get_mask_method(config.method)
-        self.reconstruction = get_reconstruction(config.reconstruction)
-        self.trains = self.reconstruction.trains and config.epochs > 0
-        self.window = min(self.reconstruction.window_size(config), len(blocks))
-        self.calib = _Split(calib, self.store, "calibration")
-        self.heldout = _Split(heldout, self.store, "heldout") if heldout is not None else None
-        self.requested_device = device
-        self.progress = False
-        self.statistics_batches: set[int] | None = None  # this rank's calibration batches that feed the masks
-        self.sample_rows: torch.Tensor | None = None  # global calibration window -> row of this rank's data (-1)
-        self.masks: dict[int, dict[str, torch.Tensor]] = {}
-        # The error "before" training, of the masked but untrained block on its final inputs. With a window of one
-        # block (BR) those inputs are final when the block is masked, so it is measured then ("before_errors");
-        # in CR the inputs still change while the previous block trains, so the untrained weights are kept on the
-        # CPU ("snapshots") and measured when the block leaves the window. BR thus never holds a second copy.
-        self.before_at_masking = self.trains and self.window == 1
-        self.before_errors: dict[int, dict[str, ErrorMeter]] = {}
-        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
-        self.dense_copies: dict[int, nn.Module] = {}
-        self.layer_records: dict[int, list] = {}
-        self.train_info: dict[int, list[dict[str, Any]]] = {}
-        self.started: dict[int, float] = {}
-        self.clock = time.perf_counter() if clock is None else clock  # when this call began
-        self.earlier_seconds = 0.0  # time spent by interrupted earlier calls, up to their last checkpoint
-
-    def splits(self) -> list[_Split]:
-        return [self.calib] + ([self.heldout] if self.heldout is not None else [])
+class _Run(RunState):
+    """One prune's steps, over the state of `RunState`."""
 
     # --- step 1: prune the window's new block -----------------------------------------------------------
     def prune_block(self, s: int, e: int, device: torch.device) -> None:
@@ -243,7 +187,7 @@ class _Run:
         record.seconds = time.perf_counter() - self.started.pop(s)
         return record
 
-    def _error_before(self, split: _Split, s: int, device: torch.device) -> ErrorMeter:
+    def _error_before(self, split: Split, s: int, device: torch.device) -> ErrorMeter:
         """The error with the masked but untrained weights, swapped in temporarily.
 
         The parameters' tensors are exchanged, not copied: on the CPU the untrained weights cost no memory
@@ -261,7 +205,7 @@ class _Run:
             for (p, _), data in zip(params, trained):
                 p.data = data
 
-    def _block_error(self, split: _Split, s: int, device: torch.device) -> ErrorMeter:
+    def _block_error(self, split: Split, s: int, device: torch.device) -> ErrorMeter:
         """Block ``s``'s error as it stands, on its sparse inputs, against the dense target x̄_{s+1}."""
         meter = ErrorMeter()
         for b, x in enumerate(split.sparse[s]):
@@ -269,8 +213,7 @@ class _Run:
         return meter
 
 
-def _check_sizes(config: PruningConfig, num_blocks: int, num_samples: int) -> None:
-    reconstruction = get_reconstruction(config.reconstruction)
+def _check_sizes(config: PruningConfig, reconstruction, num_blocks: int, num_samples: int) -> None:
     if reconstruction.window_size(config) > num_blocks:
         warnings.warn(f"window={config.window} is larger than the model's {num_blocks} blocks; using {num_blocks}.",
                       stacklevel=3)
@@ -316,7 +259,8 @@ def prune_model(
     plan = [find_linear_layers(b, config.targets, config.ignore, f"{path}.{i}") for i, b in enumerate(blocks)]
     _warn_unmatched(blocks, config, path)
     validate_layers(plan, config, path)
-    _check_sizes(config, len(blocks), input_ids.shape[0])
+    reconstruction = get_reconstruction(config.reconstruction)
+    _check_sizes(config, reconstruction, len(blocks), input_ids.shape[0])
     k = calibration.num_for_masks
     batches = [b for part in (input_ids[:k], input_ids[k:]) for b in part.split(config.batch_size) if len(b)]
     _check_ranks(config, model, input_ids, heldout_ids, k, len(batches))
@@ -334,21 +278,20 @@ def prune_model(
         for b in mine:
             sample_rows[starts[b]: starts[b + 1]] = torch.arange(offset, offset + len(batches[b]))
             offset += len(batches[b])
-        trains = get_reconstruction(config.reconstruction).trains and config.epochs > 0
+        trains = reconstruction.trains and config.epochs > 0
         batch = min(config.batch_size, input_ids.shape[0])
         # training batches are a global batch's windows that this rank holds: any size up to the batch size
         probes = (tuple(range(1, batch + 1)) if dist.is_distributed() else (batch,)) if trains else ()
         calib = capture_block_inputs(model, blocks, [batches[b] for b in mine], probe_sizes=probes)
         heldout = None if heldout_ids is None else capture_block_inputs(
             model, blocks, dist.shard(list(heldout_ids.split(config.batch_size))))
-        run = _Run(model, blocks, path, plan, config, calib, heldout, device, store, clock=start)
-        run.progress = progress
         first_k = -(-k // config.batch_size)  # global batches holding the first k windows
-        run.statistics_batches = {i for i, b in enumerate(mine) if b < first_k}
-        run.sample_rows = sample_rows
+        run = _Run(model, blocks, path, plan, config, reconstruction, calib, heldout, device, store, clock=start,
+                   progress=progress, statistics_batches={i for i, b in enumerate(mine) if b < first_k},
+                   sample_rows=sample_rows)
         report = PruningReport(config=config.to_dict(), num_calibration_tokens=int(input_ids.numel()),
                                calibration=calibration.describe())
-        checkpointer, start_block = resume_run(run, report, runtime.checkpoint_dir, input_ids, heldout_ids)
+        checkpointer, start_block = run.resume(report, runtime.checkpoint_dir, input_ids, heldout_ids)
         _loop(run, report, progress, checkpointer, start_block)
     finally:
         model.train(was_training)
@@ -413,7 +356,7 @@ def _loop(run: _Run, report: PruningReport, progress: bool, checkpointer: Checkp
                     bar.set_postfix(error=f"{record.error:.3g}", norm=f"{record.error_normalized:.3g}")
                     bar.update(1)
                 if checkpointer is not None and next_start > s:
-                    save_checkpoint(run, report, checkpointer, s, e)
+                    run.save_checkpoint(report, checkpointer, s, e)
             release_host_memory()
     finally:
         bar.close()
