@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
@@ -31,7 +29,7 @@ from .modeling.loading import (
     resolve_model_path,
 )
 from .modeling.offload import check_offload_folder
-from .report import PruningReport
+from .report import PruningReport, recorded_warnings
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import CommitInfo
@@ -40,20 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .evaluation.zero_shot import TaskResult
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _recorded_warnings() -> Iterator[list[str]]:
-    """Collect the messages of warnings raised inside the block (to record them), and still show them."""
-    notes: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield notes
-        finally:
-            notes.extend(str(w.message) for w in caught if issubclass(w.category, UserWarning))
-    for w in caught:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 class ReconPruner:
@@ -131,7 +115,7 @@ class ReconPruner:
             if value is not None:
                 model_kwargs[key] = value
         tokenizer = load_tokenizer(path, model_kwargs.get("trust_remote_code", False))
-        with _recorded_warnings() as notes:
+        with recorded_warnings() as notes:
             windows = external_windows(tokenizer, config.calibration) if read_calibration else None
         model = load_model(path, dtype=dtype, allow_missing_weights=allow_missing_weights, **model_kwargs)
         model_id = DEFAULT_MODEL_NAME if model_id_or_path is None else str(model_id_or_path)
@@ -151,9 +135,8 @@ class ReconPruner:
         external = None
         if data is None and prepared is not None and prepared[0] == dataclasses.asdict(cal):
             external = prepared[1]  # read before the model was loaded (its notes were shown then)
-            self._early_notes = prepared[2]
         return build_calibration_set(self.tokenizer, cal, data, model=self.model, external=external,
-                                     progress=progress)
+                                     notes=prepared[2] if external is not None else (), progress=progress)
 
     def calibration_ids(
         self, data: Sequence[str] | torch.Tensor | None = None, *, progress: bool = False
@@ -190,13 +173,10 @@ class ReconPruner:
         runtime = Runtime(device=device, progress=progress, checkpoint_dir=checkpoint_dir,
                           activation_offload=activation_offload, activation_folder=activation_folder,
                           blocks_path=self.blocks_path)
-        with _recorded_warnings() as notes:
-            calibration = self.calibration_set(calibration_data, progress=progress)
-            self._interrupted = True  # until prune_model returns: the weights in memory are half pruned
-            report = prune_model(self.model, self.config, calibration, runtime)
-            self._interrupted = False
-        # e.g. "c4 could not be loaded from the Hub; using ...", shown when the data was read
-        report.notes = list(dict.fromkeys(getattr(self, "_early_notes", []) + notes))
+        calibration = self.calibration_set(calibration_data, progress=progress)
+        self._interrupted = True  # until prune_model returns: the weights in memory are half pruned
+        report = prune_model(self.model, self.config, calibration, runtime)  # the engine writes the report
+        self._interrupted = False
         self.report = report
         for name, value in self._dense_perplexity.items():
             self.report.perplexity.setdefault(name, {})["dense"] = value

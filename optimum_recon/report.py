@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -149,3 +151,17 @@ class PruningReport:
             pairs = " -> ".join(f"{k} {values[k]:.3f}" for k in ("dense", "pruned") if values.get(k) is not None)
             lines.append(f"{name} perplexity: {pairs}")
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def recorded_warnings() -> Iterator[list[str]]:
+    """Collect the messages of warnings raised inside the block (to record them), and still show them."""
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield notes
+        finally:
+            notes.extend(str(w.message) for w in caught if issubclass(w.category, UserWarning))
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

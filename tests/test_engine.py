@@ -210,3 +210,12 @@ def test_statistics_come_from_the_pruned_models_inputs_only(reconstruction, cali
     for i in range(len(blocks)):
         x = inputs[i][0].reshape(-1, inputs[i][0].shape[-1])
         torch.testing.assert_close(recorded[7 * i], 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_engine_writes_the_notes_of_the_data_and_of_the_run(calib_ids):
+    calibration = CalibrationSet(calib_ids, notes=("c4 came from the bundled copy",))
+    with pytest.warns(UserWarning, match="batch_size=64 is larger"):
+        report = prune_model(make_tiny_model("llama"), PruningConfig(method="wanda", epochs=1, batch_size=64),
+                             calibration, QUIET)
+    assert report.notes[0] == "c4 came from the bundled copy" and "batch_size=64 is larger" in report.notes[1]
+    assert report.calibration == calibration.describe() and report.calibration["for_masks"] == len(calib_ids)

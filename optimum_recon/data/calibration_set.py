@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ..configuration import CalibrationConfig
+from ..report import recorded_warnings
 from .calibration import sample_calibration_windows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +32,7 @@ class CalibrationSet:
         for_masks: K, how many leading windows feed the masks (None: all N).
         self_generated: How many of the N windows the dense model generated itself (they come last).
         generation: The generation settings of those windows (for the report), if any.
+        notes: What happened while the data was read (e.g. a fallback to the bundled copy), for the report.
     """
 
     ids: torch.Tensor
@@ -38,6 +40,7 @@ class CalibrationSet:
     for_masks: int | None = None
     self_generated: int = 0
     generation: dict[str, Any] | None = field(default=None, compare=False)
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         for name, ids in (("calibration ids", self.ids), ("held-out ids", self.heldout)):
@@ -86,6 +89,7 @@ def build_calibration_set(
     *,
     model: PreTrainedModel | None = None,
     external: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    notes: Sequence[str] = (),
     progress: bool = False,
 ) -> CalibrationSet:
     """The calibration set of a prune.
@@ -98,8 +102,15 @@ def build_calibration_set(
         model: The dense model, needed when the source includes self-generated windows (``"c4+self:256"``).
         external: The external windows when they were already read (`external_windows`, e.g. before the model
             was loaded).
+        notes: Notes of reading ``external`` (the warnings it raised), kept with the set.
         progress: Show the self-generation progress bar.
     """
+    with recorded_warnings() as raised:
+        calibration = _build(tokenizer, config, data, model, external, progress)
+    return dataclasses.replace(calibration, notes=tuple(dict.fromkeys([*notes, *raised])))
+
+
+def _build(tokenizer, config: CalibrationConfig, data, model, external, progress: bool) -> CalibrationSet:
     if isinstance(data, torch.Tensor):
         return CalibrationSet(data)
     if data is not None:

@@ -38,7 +38,7 @@ from ..data.calibration_set import CalibrationSet
 from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers, layer_matches
 from ..modeling.offload import check_device, execution_device, onload, release_host_memory
 from ..reconstruction import WindowTask, get_reconstruction
-from ..report import BlockRecord, PruningReport, peak_cuda_mib, peak_rss_mib
+from ..report import BlockRecord, PruningReport, peak_cuda_mib, peak_rss_mib, recorded_warnings
 from .activations import ActivationStore
 from .capture import capture_block_inputs
 from .checkpoint import Checkpointer
@@ -241,7 +241,14 @@ def prune_model(
         A `PruningReport` with per-block errors, sparsity and training curves.
     """
     calibration = CalibrationSet.of(calibration)
-    runtime = runtime if runtime is not None else Runtime()
+    with recorded_warnings() as notes:
+        report = _prune(model, config, calibration, runtime if runtime is not None else Runtime())
+    # what the run had to say (e.g. "resuming from ..."), after what reading the data had to say
+    report.notes = list(dict.fromkeys([*calibration.notes, *notes]))
+    return report
+
+
+def _prune(model: nn.Module, config: PruningConfig, calibration: CalibrationSet, runtime: Runtime) -> PruningReport:
     input_ids, heldout_ids = calibration.ids, calibration.heldout
     device, progress = runtime.device, runtime.progress
     vocab = model.get_input_embeddings().num_embeddings
