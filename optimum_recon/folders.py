@@ -123,6 +123,14 @@ def check_output_dir(
             )
     if target.is_dir():
         _check_existing(target, shown, kind, overwrite, what, flag, owned)
+        # a save replaces its folder whole (a rename): never the one the user is in, a parent of it, or home, even
+        # when it is empty, ours, or overwrite is given
+        if any(_contains(target, kept) for kept in _never_replaced()) or target == Path(target.anchor):
+            raise OutputFolderError(
+                f"{what} {shown!r} is the current folder, a parent of it or your home folder: it is never replaced"
+                f"{f', even with {flag}' if flag else ''}. Name a sub-folder instead (e.g. "
+                f"{shown.rstrip('/') + '/pruned'!r})."
+            )
     _check_writable(target, shown, what)
     return target
 
@@ -133,11 +141,6 @@ def _check_existing(target: Path, shown: str, kind: str, overwrite: bool, what: 
     if not entries:
         return
     if overwrite:
-        if any(_contains(target, kept) for kept in _never_replaced()) or target == Path(target.anchor):
-            raise OutputFolderError(
-                f"{what} {shown!r} is the current folder, a parent of it or your home folder: it is never replaced, "
-                f"even with {flag}. Name a sub-folder instead (e.g. {shown.rstrip('/') + '/pruned'!r})."
-            )
         return
     marker = read_marker(target)
     if marker is None:

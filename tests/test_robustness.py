@@ -95,6 +95,16 @@ def test_current_folder_is_never_replaced(tmp_path, tiny_model_dir, text_file, c
     assert (work / "data.csv").read_text() == "a,b\n"
 
 
+def test_an_empty_current_folder_is_not_replaced_either(tmp_path, tiny_model_dir, text_file, capsys, monkeypatch):
+    work = tmp_path / "empty-work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", "."), capsys)
+    assert code == 2  # a save replaces its folder by a rename: the shell's folder would vanish under it
+    _one_line_error(err, "never replaced")
+    assert work.is_dir() and not list(work.iterdir())
+
+
 def test_existing_folder_of_user_files(user, tiny_model_dir, text_file, capsys):
     out = user / "out"
     out.mkdir()
