@@ -218,7 +218,7 @@ def _check_eval_data(datasets: list[str]) -> None:
             load_eval_text(name)
 
 
-def _preflight_prune(args: argparse.Namespace) -> tuple[PruningConfig, str]:
+def _preflight_prune(args: argparse.Namespace) -> PruningConfig:
     """Everything `prune` can check before the model is loaded: the recipe, the folders, the device, the dtype and
     the evaluation data (the calibration data is read by `ReconPruner.from_pretrained`, before the weights)."""
     from .folders import check_output_dir
@@ -242,11 +242,11 @@ def _preflight_prune(args: argparse.Namespace) -> tuple[PruningConfig, str]:
     if args.push_to_hub and not args.output:
         logger.info("--push-to-hub without --output: the model is saved to a temporary folder first")
     _check_eval_data([d for d in (args.eval or "").split(",") if d])
-    return config, model_path
+    return config
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    config, _ = _preflight_prune(args)
+    config = _preflight_prune(args)
     pruner = _load(args, config)
     datasets = [d for d in (args.eval or "").split(",") if d]
     if datasets:
@@ -283,23 +283,8 @@ def _finish_checkpoint(folder: str, keep: bool) -> None:
     print(f"deleted the finished run's checkpoint folder {folder} ({human_size(remove_checkpoint(folder))} freed).")
 
 
-def _check_json_output(path: str, overwrite: bool) -> None:
-    """``--json``: a new file, or one that an earlier `eval --json` wrote (a user's file is never replaced)."""
-    if overwrite or not os.path.exists(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise ValueError(f"--json {path!r}: the folder {parent!r} does not exist.")
-        return
-    if os.path.isdir(path):
-        raise ValueError(f"--json {path!r} is a folder: name a file.")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            ours = set(json.load(fh)) >= {"model", "results"}
-    except (OSError, ValueError, TypeError):
-        ours = False
-    if not ours:
-        raise ValueError(f"--json {path!r} already exists and was not written by optimum-recon eval; choose another "
-                         "file, or pass --overwrite to replace it.")
+def _written_by_eval(data: Any) -> bool:
+    return isinstance(data, dict) and set(data) >= {"model", "results"}
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -315,7 +300,10 @@ def run_eval(args: argparse.Namespace) -> int:
         require_lm_eval()  # before the model load
     parse_dtype(args.dtype)
     if args.json:
-        _check_json_output(args.json, args.overwrite)
+        from .folders import check_output_file
+
+        check_output_file(args.json, overwrite=args.overwrite, what="--json", ours=_written_by_eval,
+                          writer="optimum-recon eval")
     if args.update_card and not os.path.isfile(os.path.join(resolve_model_path(args.model), "pruning_config.json")):
         raise ValueError(f"--update-card needs a folder saved by optimum-recon; {args.model!r} has no "
                          "pruning_config.json.")

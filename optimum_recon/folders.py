@@ -27,7 +27,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,26 @@ def _check_existing(target: Path, shown: str, kind: str, overwrite: bool, what: 
         )
 
 
+def check_output_file(path: str | os.PathLike, *, overwrite: bool, what: str, ours: Callable[[Any], bool],
+                      writer: str = "optimum-recon") -> Path:
+    """The same contract for a single JSON file: a new file, or one whose content ``ours`` recognises as written by
+    ``writer``; anything else only with ``overwrite``. Its folder must exist."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise OutputFolderError(f"{what} {str(path)!r} is a folder: name a file.")
+    if not target.resolve().parent.is_dir():
+        raise OutputFolderError(f"{what} {str(path)!r}: the folder {str(target.resolve().parent)!r} does not exist.")
+    if target.exists() and not overwrite:
+        try:
+            recognised = ours(json.loads(target.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            recognised = False
+        if not recognised:
+            raise OutputFolderError(f"{what} {str(path)!r} already exists and was not written by {writer}; choose "
+                                    "another file, or pass --overwrite to replace it.")
+    return target
+
+
 def _check_writable(target: Path, shown: str, what: str) -> None:
     existing = target
     while not existing.exists():
@@ -199,11 +219,11 @@ def _alive(info: dict) -> bool:
     if not isinstance(pid, int):
         return False
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: it exists, owned by someone else (alive)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # exists, owned by someone else
+        pass
     return True
 
 

@@ -29,6 +29,8 @@ def test_prune_eval_and_recipe(tiny_model_dir, text_file, tmp_path, capsys):
                  "--json", str(tmp_path / "ppl.json")]) == 0
     result = json.loads((tmp_path / "ppl.json").read_text())["results"][str(text_file)]
     assert result["perplexity"] > 1 and result["seq_len"] == 32
+    assert main(["eval", "--model", str(out), "--dataset", str(text_file), "--eval-seq-len", "32", "--no-progress",
+                 "--json", str(tmp_path / "ppl.json")]) == 0  # its own earlier file: replaced without --overwrite
 
     # --recipe repeats the recipe; explicit flags win over it
     again = tmp_path / "again"

@@ -73,7 +73,8 @@ def open_checkpoint_dir(folder: str | os.PathLike, protect=()) -> Path:
 def remove_checkpoint(folder: str | os.PathLike) -> int:
     """Delete a finished run's checkpoint files (only those), then the folder if it is left empty; bytes freed."""
     folder = Path(folder).expanduser()
-    if read_marker(folder) is None or read_marker(folder)["kind"] != "checkpoint":
+    marker = read_marker(folder)
+    if marker is None or marker["kind"] != "checkpoint":
         return 0
     freed = 0
     files = [p for p in folder.rglob("*") if p.is_file() and is_checkpoint_file(p.relative_to(folder).as_posix())]
