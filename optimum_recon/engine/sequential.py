@@ -252,9 +252,7 @@ def _prune(model: nn.Module, config: PruningConfig, calibration: CalibrationSet,
     input_ids, heldout_ids = calibration.ids, calibration.heldout
     device, progress = runtime.device, runtime.progress
     vocab = model.get_input_embeddings().num_embeddings
-    for name, ids in (("input_ids", input_ids), ("heldout_ids", heldout_ids)):
-        if ids is not None and (ids.ndim != 2 or ids.shape[0] == 0):
-            raise ValueError(f"{name} must be (num_samples, seq_len), got shape {tuple(ids.shape)}.")
+    for name, ids in (("input_ids", input_ids), ("heldout_ids", heldout_ids)):  # (shapes: CalibrationSet's)
         if ids is not None and (int(ids.max()) >= vocab or int(ids.min()) < 0):
             raise ValueError(f"{name} holds token ids outside the model's vocabulary of {vocab}: does the tokenizer "
                              "belong to this model?")
