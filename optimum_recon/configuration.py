@@ -24,6 +24,9 @@ CONFIG_NAME = "pruning_config.json"
 # Short names accepted by `CalibrationConfig.source` and the evaluation helpers.
 KNOWN_DATASETS = ("c4", "wikitext2", "ptb")
 PROPAGATIONS = ("global", "local")
+# The default number of held-out windows: a quarter of the calibration windows, within these bounds. Fewer than 8
+# make the per-epoch held-out error too noisy to judge an epoch by; more than 32 cost more than they tell.
+MIN_AUTO_HELDOUT, MAX_AUTO_HELDOUT = 8, 32
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -62,8 +65,10 @@ class CalibrationConfig:
         seed: Seed for choosing documents and window offsets.
         text_column: Column holding the text (default: `text`, or the only string column).
         split: Dataset split for Hub datasets (default: `train`).
-        heldout_samples: Extra windows from the same source on which the reconstruction error is also
-            reported; they never influence masks or training.
+        heldout_samples: Extra windows from documents no calibration window comes from; they never feed masks or
+            training. BR/CR judge each block's training on them (`guard`, `lr="auto"`) and every error is also
+            reported on them. Default (None): a quarter of `num_samples`, at least 8 and at most 32; one check (a
+            forward pass over them) then costs about 1/12 of a training epoch. 0: none (training unguarded).
         self_use: With self-generated samples (`source="c4+self:256"`): `reconstruction` (the paper's choice:
             masks come from the external data, self-generated samples feed reconstruction only) or `all`.
         self_temperature: Sampling temperature of the dense model's `generate`.
@@ -85,7 +90,7 @@ class CalibrationConfig:
     seed: int = 0
     text_column: str | None = None
     split: str | None = None
-    heldout_samples: int = 0
+    heldout_samples: int | None = None
     self_use: str = "reconstruction"
     self_temperature: float = 1.0
     self_top_k: int = 50
@@ -98,8 +103,9 @@ class CalibrationConfig:
         if not isinstance(self.source, str) or not self.source.strip():
             raise ValueError(f"calibration source={self.source!r} is empty: name a dataset or a local file.")
         heldout = self.heldout_samples
-        if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 0:
-            raise ValueError(f"calibration heldout_samples={self.heldout_samples!r} is not valid: use an integer >= 0.")
+        if heldout is not None and (isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 0):
+            raise ValueError(f"calibration heldout_samples={self.heldout_samples!r} is not valid: use an integer >= 0 "
+                             "(or leave it unset for the default).")
         for name in ("num_samples", "seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -149,6 +155,13 @@ class CalibrationConfig:
         return self._external
 
     @property
+    def num_heldout(self) -> int:
+        """How many held-out windows to draw: `heldout_samples`, or by default a quarter of `num_samples` in [8, 32]."""
+        if self.heldout_samples is not None:
+            return self.heldout_samples
+        return min(MAX_AUTO_HELDOUT, max(MIN_AUTO_HELDOUT, self.num_samples // 4))
+
+    @property
     def self_samples(self) -> int:
         """How many calibration samples the dense model generates itself."""
         return self._self_samples
@@ -177,10 +190,13 @@ class PruningConfig:
         dampening: SparseGPT: Hessian dampening as a fraction of its mean diagonal.
         block_size: SparseGPT: columns processed together (lazy batch updates).
         epochs: BR/CR: passes over the calibration set per block (0: no training, i.e. LR).
-        lr: BR/CR: AdamW learning rate, decayed linearly to 0. The paper's 2e-4 (LLaMA-7B, OPT-125M); AdamW's steps
-            are about lr whatever the gradient's scale, so models with larger weights can need more
-            (sweep it on a few blocks with `examples/benchmarks/learning_rate.py`, judged by the held-out
-            error; docs/benchmarks.md).
+        lr: BR/CR: AdamW's peak learning rate, decayed linearly to 0, or `auto` (default): for each window, 1% of
+            the root mean square of its kept weights, halved whenever an epoch makes the held-out error worse (the
+            best weights are restored first). A number is used exactly as given (the paper's 2e-4 suits LLaMA-7B).
+        guard: BR/CR: judge every epoch by the window's held-out error, keep the weights of the best epoch, stop
+            after `patience` epochs without improvement, and keep the masked-only weights when training never
+            beats them. Default (None): on whenever there are held-out windows; true needs them.
+        patience: BR/CR with the guard: epochs without a better held-out error before training stops.
         batch_size: Calibration windows per training step and per forward pass.
         adam_betas: BR/CR: AdamW betas.
         weight_decay: BR/CR: AdamW weight decay (0 keeps pruned weights trivially fixed).
@@ -208,7 +224,9 @@ class PruningConfig:
     dampening: float = 0.01
     block_size: int = 128
     epochs: int = 10
-    lr: float = 2e-4
+    lr: float | str = "auto"
+    guard: bool | None = None
+    patience: int = 2
     batch_size: int = 8
     adam_betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
@@ -237,12 +255,18 @@ class PruningConfig:
         self._validate_training()
 
     def _validate_training(self) -> None:
-        for name, low in (("epochs", 0), ("batch_size", 1), ("window", 1), ("lora_rank", 0)):
+        for name, low in (("epochs", 0), ("batch_size", 1), ("window", 1), ("lora_rank", 0), ("patience", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}={value!r} is not valid: it must be an integer >= {low}.")
         # AdamW moves each weight by about lr per step whatever the gradient: above 1 nothing sensible is left
-        _check_number("lr", self.lr, 0, 1, low_open=True, example="2e-4")
+        if self.lr != "auto":
+            _check_number("lr", self.lr, 0, 1, low_open=True, example="2e-4, or 'auto'")
+        if self.guard is not None and not isinstance(self.guard, bool):
+            raise ValueError(f"guard={self.guard!r} is not valid: true, false, or unset (on with held-out windows).")
+        if self.guard and self.calibration.heldout_samples == 0:
+            raise ValueError("guard=True judges training on held-out windows, but calibration heldout_samples=0 draws "
+                             "none: leave heldout_samples unset (default: a quarter of num_samples) or give a count.")
         betas = self.adam_betas
         if not isinstance(betas, (list, tuple)) or len(betas) != 2:
             raise ValueError(f"adam_betas={self.adam_betas!r} is not valid: two numbers in [0, 1), e.g. (0.9, 0.95).")

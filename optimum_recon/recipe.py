@@ -6,6 +6,7 @@ the configuration dataclasses only, so that neither has to import the other.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import fields
 from typing import Any
 
@@ -13,9 +14,22 @@ from .configuration import CalibrationConfig, PruningConfig, field_default
 
 # Flags whose name is not the field's (the calibration source is the most used calibration setting).
 _RENAMED = {(CalibrationConfig, "source"): "calibration", (CalibrationConfig, "split"): "calibration-split"}
+
+
+def float_or_auto(text: str) -> float | str:
+    """A number, or the word `auto` (the `lr` flag)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+
+
 # How a field's annotation is parsed on the command line. Lists take several values: --targets q_proj k_proj.
-_KINDS = {"float": float, "int": int, "str": str, "float | None": float, "str | None": str, "bool": "flag",
-          "list[str]": "list", "list[str] | None": "list", "tuple[float, float]": "pair"}
+_KINDS = {"float": float, "int": int, "str": str, "float | None": float, "str | None": str, "int | None": int,
+          "float | str": float_or_auto, "bool": "flag", "bool | None": "flag", "list[str]": "list",
+          "list[str] | None": "list", "tuple[float, float]": "pair"}
 
 
 def _recipe_flags() -> dict[str, tuple[type, str, Any]]:
@@ -36,8 +50,8 @@ def _recipe_flags() -> dict[str, tuple[type, str, Any]]:
 RECIPE_FLAGS = _recipe_flags()
 
 
-_TRAINING_FLAGS = {"epochs", "lr", "batch-size", "adam-betas", "weight-decay", "window", "train-dtype",
-                   "gradient-checkpointing", "lora-rank", "lora-alpha"}
+TRAINING_FLAGS = {"epochs", "lr", "guard", "patience", "batch-size", "adam-betas", "weight-decay", "window",
+                  "train-dtype", "gradient-checkpointing", "lora-rank", "lora-alpha"}
 
 
 _ALWAYS = {"sparsity", "pattern", "method", "reconstruction", "propagation", "calibration", "num-samples", "seq-len",
@@ -50,7 +64,7 @@ def recipe_command(config: PruningConfig, model: str | None) -> str:
     parts = ["optimum-recon prune"] + ([f"--model {model}"] if model else [])
     for flag, (cls, name, kind) in RECIPE_FLAGS.items():
         value = getattr(config if cls is PruningConfig else config.calibration, name)
-        if flag in _TRAINING_FLAGS and config.reconstruction == "layer":
+        if flag in TRAINING_FLAGS and config.reconstruction == "layer":
             continue
         if value is None or (flag not in _ALWAYS and value == field_default(cls, name)):
             continue

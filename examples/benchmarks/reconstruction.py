@@ -33,17 +33,21 @@ from pathlib import Path
 
 from _common import HERE, add_data_dir_argument, offline_env, run_metadata, write_results
 
+# The rows measured before the guard existed train at the paper's fixed lr without it (as they were run);
+# "default" is PruningConfig's defaults (guarded, lr="auto") with nothing else set.
+_FIXED = {"lr": 2e-4, "guard": False}
 ROWS = {  # name -> (reconstruction, propagation, extra config)
     "LR": ("layer", "global", {}),
-    "BR": ("block", "local", {}),
-    "BR+GP": ("block", "global", {}),
-    "BR+GP+CR": ("cross_block", "global", {}),
-    "BR+GP LoRA-16": ("block", "global", {"lora_rank": 16}),
+    "BR": ("block", "local", _FIXED),
+    "BR+GP": ("block", "global", _FIXED),
+    "BR+GP+CR": ("cross_block", "global", _FIXED),
+    "BR+GP LoRA-16": ("block", "global", {**_FIXED, "lora_rank": 16}),
+    "default": ("block", "global", {}),
 }
 
 
 def _row_settings(row: str) -> tuple[str, str, dict]:
-    """A row of ROWS, optionally with another learning rate: "BR+GP lr=1e-3"."""
+    """A row of ROWS, optionally with another learning rate: "BR+GP lr=1e-3" (still unguarded)."""
     name, lr = _split_row(row)
     if name not in ROWS:
         raise SystemExit(f"unknown row {row!r}: use one of {', '.join(ROWS)} (optionally followed by ' lr=VALUE')")
@@ -63,8 +67,8 @@ def run_row(args, method: str, row: str) -> dict:
     from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
 
     reconstruction, propagation, extra = _row_settings(row)
-    config = PruningConfig(method=method, sparsity=0.5, reconstruction=reconstruction, propagation=propagation,
-                           epochs=args.epochs, **extra,
+    config = PruningConfig(method=method, sparsity=0.5, pattern=args.pattern, reconstruction=reconstruction,
+                           propagation=propagation, epochs=args.epochs, **extra,
                            calibration=CalibrationConfig(source="c4", num_samples=args.num_samples,
                                                          seq_len=args.seq_len, heldout_samples=args.heldout, seed=0))
     pruner = ReconPruner.from_pretrained(args.model, config=config)
@@ -75,7 +79,8 @@ def run_row(args, method: str, row: str) -> dict:
     seconds = time.perf_counter() - start + earlier
     ppl = pruner.evaluate("wikitext2", seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, progress=False)
     last = report.blocks[-1]
-    states = [w.get("optimizer_state_bytes", 0) for b in report.blocks for w in b.reconstruction.get("windows", [])]
+    windows = [w for b in report.blocks for w in b.reconstruction.get("windows", [])]
+    states = [w.get("optimizer_state_bytes", 0) for w in windows]
     return {
         "method": method, "row": row, "wikitext2": ppl["wikitext2"].perplexity, "seconds": seconds,
         "peak_rss_mib": report.peak_rss_mib, "final_error": last.error, "final_error_normalized": last.error_normalized,
@@ -83,8 +88,18 @@ def run_row(args, method: str, row: str) -> dict:
         "optimizer_state_mib": max(states, default=0) / 2**20, "torch_threads": torch.get_num_threads(),
         "resumed": earlier > 0,
         "per_block": [{"index": b.index, "error": b.error, "error_normalized": b.error_normalized,
-                       "error_before": b.error_before, "heldout_error": b.heldout_error} for b in report.blocks],
+                       "error_before": b.error_before, "heldout_error": b.heldout_error,
+                       "heldout_error_before": b.heldout_error_before,
+                       "training": [{k: w[k] for k in _TRAINING_KEYS if k in w}
+                                    for w in b.reconstruction.get("windows", [])]} for b in report.blocks],
+        "training_seconds": sum(w.get("seconds", 0.0) for w in windows),
+        "guard_seconds": sum(w.get("guard_seconds", 0.0) for w in windows),
     }
+
+
+# what a row keeps of each window's training record
+_TRAINING_KEYS = ("lr", "lr_final", "lr_halved_after", "loss_per_epoch", "heldout_per_epoch", "epoch_kept",
+                  "epochs_run", "stopped_early", "reverted", "steps", "seconds", "guard_seconds")
 
 
 def _slug(method: str, row: str) -> str:
@@ -124,7 +139,9 @@ def main() -> None:
                         help="comma-separated rows; a row may set another learning rate: 'BR+GP lr=1e-3'")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--heldout", type=int, default=16)
+    parser.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M, e.g. 2:4")
+    parser.add_argument("--heldout", type=lambda v: None if v == "auto" else int(v), default=16,
+                        help="held-out windows, or 'auto' (the library's default)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--eval-tokens", type=int, default=65536)
     parser.add_argument("--eval-seq-len", type=int, default=1024)
@@ -150,8 +167,10 @@ def main() -> None:
         return
     env = offline_env(args.data_dir)
     how_to_run = ("child", "output", "resume", "methods", "rows", "merge", "checkpoint_dir")  # not what was measured
-    results = {**run_metadata(), "settings": {k: v for k, v in vars(args).items() if k not in how_to_run},
-               "runs": []}
+    settings = {k: v for k, v in vars(args).items() if k not in how_to_run}
+    if settings["pattern"] == "unstructured":  # (rows measured before --pattern existed)
+        del settings["pattern"]
+    results = {**run_metadata(), "settings": settings, "runs": []}
     if args.resume and Path(args.output).is_file():
         _combine(results, json.loads(Path(args.output).read_text()), f"--resume: {args.output}")
     done = {(r["method"], r["row"]) for r in results["runs"]}

@@ -66,8 +66,8 @@ def sample_calibration_windows(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
     """Token ids of shape (num_samples, seq_len) drawn from ``config.source`` (or the given ``documents``).
 
-    With ``with_heldout``, also returns ``config.heldout_samples`` windows (or None) drawn from documents that
-    no calibration window came from.
+    With ``with_heldout``, also returns ``config.num_heldout`` windows (or None) drawn from documents that no
+    calibration window came from (by default, when none is left: None, with a warning).
 
     Raises:
         ValueError: when the text is shorter than ``seq_len`` in all, or nothing is left for held-out windows.
@@ -82,14 +82,19 @@ def sample_calibration_windows(
                            config.source)
     if not with_heldout:
         return calib
-    if config.heldout_samples == 0:
+    count = config.num_heldout
+    if count == 0:
         return calib, None
     rest = [i for i in range(len(docs)) if i not in used]
     if not rest:
+        if config.heldout_samples is None:  # the default: do without, and say what that means
+            warnings.warn(f"no document of {config.source!r} is left for held-out windows (the calibration windows "
+                          "use them all); give a larger source or fewer calibration samples to have them.",
+                          stacklevel=2)
+            return calib, None
         raise ValueError(
-            f"no text of {config.source!r} is left for {config.heldout_samples} held-out windows: every document "
-            "was used for calibration. Use a larger source or fewer calibration samples."
+            f"no text of {config.source!r} is left for {count} held-out windows: every document was used for "
+            "calibration. Use a larger source, fewer calibration samples, or heldout_samples=0 (unguarded)."
         )
-    heldout, _ = _windows(tokenizer, docs, config.heldout_samples, config.seq_len, config.seed + 1, rest,
-                          config.source)
+    heldout, _ = _windows(tokenizer, docs, count, config.seq_len, config.seed + 1, rest, config.source)
     return calib, heldout

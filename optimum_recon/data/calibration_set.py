@@ -125,9 +125,9 @@ def _build(tokenizer, config: CalibrationConfig, data, model, external, progress
         raise ValueError(f"calibration source {config.source!r} includes self-generated text: pass the dense model.")
     generated = load_or_generate(model, tokenizer, config, progress=progress)
     own = torch.tensor(generated["input_ids"], dtype=torch.long)
-    if heldout is None and config.heldout_samples:
+    if heldout is None and config.num_heldout:
         more = load_or_generate(model, tokenizer, dataclasses.replace(config, seed=config.seed + 1),
-                                num_samples=config.heldout_samples, progress=progress)
+                                num_samples=config.num_heldout, progress=progress)
         heldout = torch.tensor(more["input_ids"], dtype=torch.long)
     # the paper's setting: self-generated windows feed reconstruction only, the masks come from the external ones
     masks_from_external = ids is not None and config.self_use == "reconstruction"

@@ -122,15 +122,7 @@ class _Run(RunState):
     def reconstruct(self, s: int, e: int, step: int, device: torch.device) -> None:
         calib = self.calib
         inputs = torch.cat(list(calib.sparse[s]))
-        if self.config.propagation == "global":
-            targets = torch.cat(list(calib.dense[e + 1]))
-        elif self.window == 1:
-            targets = torch.cat(list(calib.local[s]))
-        else:
-            copies = [self.dense_copies[j].to(device) for j in range(s, e + 1)]
-            targets = torch.cat([calib.passes.chain(copies, s, b, x, device) for b, x in enumerate(calib.sparse[s])])
-            for c in copies:
-                c.to("cpu")
+        targets = torch.cat(list(self._targets(calib, s, e, device)))
         window = [self.blocks[j] for j in range(s, e + 1)]
         masks, owners = {}, {}
         for j in range(s, e + 1):
@@ -143,11 +135,42 @@ class _Run(RunState):
 
         task = WindowTask(window, forward, inputs, targets, masks, device, seed=self.config.calibration.seed + step,
                           modules=owners, progress=self.progress, sample_rows=self.sample_rows,
-                          label=f"block {s}" if e == s else f"blocks {s}-{e}")
+                          label=f"block {s}" if e == s else f"blocks {s}-{e}",
+                          heldout_error=self._heldout_error(window, s, e, device))
         info = self.reconstruction.reconstruct(task, self.config)
         info["window"] = [s, e]
         for j in range(s, e + 1):
             self.train_info.setdefault(j, []).append(info)
+
+    def _targets(self, split: Split, s: int, e: int, device: torch.device) -> list[torch.Tensor]:
+        """What window ``s..e`` is trained toward on ``split``, per batch: x̄_{e+1} (global), or the dense window on
+        the pruned inputs x_s (local)."""
+        if self.config.propagation == "global":
+            return split.dense[e + 1]
+        if self.window == 1:
+            return split.local[s]
+        copies = [self.dense_copies[j].to(device) for j in range(s, e + 1)]
+        try:
+            return [split.passes.chain(copies, s, b, x, device) for b, x in enumerate(split.sparse[s])]
+        finally:
+            for c in copies:
+                c.to("cpu")
+
+    def _heldout_error(self, window: list[nn.Module], s: int, e: int, device: torch.device):
+        """The guard's measure for window ``s..e``: its MSE on the held-out windows against their targets (summed
+        over the ranks), or None when the run has no held-out windows or the guard is off."""
+        held = self.heldout
+        if held is None or self.config.guard is False:
+            return None
+        targets = self._targets(held, s, e, device)
+
+        def heldout_error() -> float:
+            meter = ErrorMeter()
+            for b, x in enumerate(held.sparse[s]):
+                meter.update(held.passes.chain(window, s, b, x, device), targets[b])
+            return meter.all_reduce().mse
+
+        return heldout_error
 
     # --- step 3: finalize a block leaving the window ------------------------------------------------------
     def finalize(self, s: int, device: torch.device) -> BlockRecord:
@@ -213,13 +236,30 @@ class _Run(RunState):
         return meter
 
 
-def _check_sizes(config: PruningConfig, reconstruction, num_blocks: int, num_samples: int) -> None:
+def _check_sizes(config: PruningConfig, reconstruction, num_blocks: int, calibration: CalibrationSet) -> None:
+    num_samples = calibration.num_windows
     if reconstruction.window_size(config) > num_blocks:
         warnings.warn(f"window={config.window} is larger than the model's {num_blocks} blocks; using {num_blocks}.",
                       stacklevel=3)
-    if reconstruction.trains and config.epochs > 0 and config.batch_size > num_samples:
+    trains = reconstruction.trains and config.epochs > 0
+    if trains and config.batch_size > num_samples:
         warnings.warn(f"batch_size={config.batch_size} is larger than the {num_samples} calibration windows; each "
                       "training step uses all of them.", stacklevel=3)
+    if not trains:
+        if config.guard:
+            warnings.warn(f"guard=True has no effect with reconstruction={config.reconstruction!r} and "
+                          f"epochs={config.epochs}: nothing is trained.", stacklevel=3)
+        return
+    if calibration.heldout is not None or config.guard is False:
+        return
+    if config.guard:
+        raise ValueError("guard=True judges training on held-out windows, but this calibration set has none: pass "
+                         "a CalibrationSet with held-out windows (or texts / a source instead of token ids), or "
+                         "guard=False.")
+    if config.calibration.heldout_samples != 0:  # (0: the user chose an unguarded run)
+        warnings.warn("no held-out windows (calibration given as token ids, or no document left for them): "
+                      "training is unguarded" + (", and lr='auto' uses the weights' scale alone" if config.lr == "auto"
+                                                 else "") + ".", stacklevel=3)
 
 
 def prune_model(
@@ -265,7 +305,7 @@ def _prune(model: nn.Module, config: PruningConfig, calibration: CalibrationSet,
     _warn_unmatched(blocks, config, path)
     validate_layers(plan, config, path)
     reconstruction = get_reconstruction(config.reconstruction)
-    _check_sizes(config, reconstruction, len(blocks), input_ids.shape[0])
+    _check_sizes(config, reconstruction, len(blocks), calibration)
     k = calibration.num_for_masks
     batches = [b for part in (input_ids[:k], input_ids[k:]) for b in part.split(config.batch_size) if len(b)]
     _check_ranks(config, model, input_ids, heldout_ids, k, len(batches))

@@ -38,6 +38,9 @@ class WindowTask:
     # -1 when another rank holds it. None: ``inputs`` holds every window (a single process).
     sample_rows: torch.Tensor | None = None
     label: str = "window"  # how messages name it, e.g. "block 3" or "blocks 3-4"
+    # The window's error on the held-out windows with its weights as they are (the same on every rank), or None
+    # without held-out windows; training is judged by it (`guard.py`).
+    heldout_error: Callable[[], float] | None = None
 
     @property
     def num_samples(self) -> int:

@@ -2,7 +2,9 @@
 
 Every parameter of the window is trained (linear weights, norm weights, biases) with AdamW and a linear
 decay of the learning rate to zero, minimizing the mean squared error of the window's output (the
-paper's settings: lr 2e-4, betas (0.9, 0.95), no weight decay, batch 8, 10 epochs, no clipping). Masks
+paper's settings: betas (0.9, 0.95), no weight decay, batch 8, 10 epochs, no clipping; its lr 2e-4 is what
+``lr="auto"`` gives LLaMA-7B-sized weights). With held-out windows every epoch is judged on them (`guard.py`):
+the best epoch's weights are kept, training stops early, and ``lr="auto"`` halves a rate that overshoots. Masks
 stay fixed: gradients of pruned weights are zeroed and the weights are multiplied by their mask after
 every step, so they are exactly zero throughout and N:M groups stay valid. The optimizer state exists
 only while the window is trained.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_gradients_, all_reduce_numbers, is_distributed
 from .base import Reconstruction, WindowTask
+from .guard import MAX_HALVINGS, HeldoutGuard, auto_learning_rate
 from .lora import masked_low_rank, recomputed_merges
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,15 +108,15 @@ class NonFiniteTrainingError(ArithmeticError):
 
 
 def _check_finite(task: WindowTask, config: "PruningConfig", epoch: int, loss: float,
-                  params: list[nn.Parameter] | None = None) -> None:
+                  params: list[nn.Parameter] | None = None, lr: float = 0.0) -> None:
     bad = None if math.isfinite(loss) else f"the training loss became {loss}"
     if bad is None and params is not None:
         broken = [p for p in params if not bool(torch.isfinite(p).all())]
         bad = f"{len(broken)} trained tensors hold NaN or inf" if broken else None
     if bad is None:
         return
-    hint = (f"the learning rate lr={config.lr:g} is probably too large for this model; try a smaller one"
-            if config.lr > 1e-3 else "check the calibration data and the model's dtype (float16 overflows easily: "
+    hint = (f"the learning rate {lr:g} is probably too large for this model; give lr a smaller number"
+            if lr > 1e-3 else "check the calibration data and the model's dtype (float16 overflows easily: "
             "use float32 or bfloat16)")
     raise NonFiniteTrainingError(
         f"reconstruction of {task.label} diverged in epoch {epoch + 1}: {bad}. Stopped; nothing was saved. Most likely "
@@ -128,9 +132,19 @@ def _batches(num_samples: int, batch_size: int, generator: torch.Generator) -> l
     return list(order[: num_samples // batch_size * batch_size].split(batch_size))
 
 
+def _adamw(params: list[nn.Parameter], lr: float, config: "PruningConfig") -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(config.adam_betas), eps=1e-8, weight_decay=config.weight_decay)
+
+
 @torch.enable_grad()
 def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
-    """Minimize MSE(window(inputs), targets) over the window's parameters; masks stay fixed."""
+    """Minimize MSE(window(inputs), targets) over the window's parameters; masks stay fixed.
+
+    Returns what the report records: the training loss per epoch, the steps taken, the learning rate (``lr``: the
+    peak used first; ``lr_final``: after any halving), and with the guard the held-out error per epoch (epoch 0:
+    before training), the epoch kept and whether training stopped early or kept the starting weights.
+    """
+    started = time.perf_counter()
     generator = torch.Generator().manual_seed(task.seed)
     num_samples = task.num_samples
     steps_per_epoch = len(_batches(num_samples, config.batch_size, torch.Generator()))
@@ -138,13 +152,18 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
     dtype = _DTYPES[config.train_dtype]
     amp = dtype != torch.float32
     scaler = torch.amp.GradScaler(task.device.type, enabled=dtype == torch.float16)
+    auto = config.lr == "auto"
+    peak = first_peak = auto_learning_rate(task.masks) if auto else float(config.lr)
+    guarded = task.heldout_error is not None and config.guard is not False
     losses: list[float] = []
+    halved_after: list[int] = []  # epochs after which lr="auto" halved the rate
+    step = restarted = 0
     with _trainable(task, config) as params, (
         checkpointed_children(task.blocks) if config.gradient_checkpointing else contextlib.nullcontext()
     ):
-        optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.adam_betas), eps=1e-8,
-                                      weight_decay=config.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / max(total_steps, 1)))
+        optimizer = _adamw(params, peak, config)
+        guard = HeldoutGuard(params, task.heldout_error, config.patience) if guarded else None
+        state_bytes = 0
         bar = tqdm(total=config.epochs, desc="  epochs", unit="epoch", leave=False, disable=not task.progress)
         for _ in range(config.epochs):
             epoch_loss = 0.0
@@ -153,6 +172,11 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
                 rows = index if task.sample_rows is None else task.sample_rows[index]
                 rows = rows[rows >= 0]  # the batch's windows held by this rank (all in a single process)
                 optimizer.zero_grad(set_to_none=True)
+                rate = peak * max(0.0, 1 - step / max(total_steps, 1))  # linear decay to 0 over the planned steps
+                if auto:  # warmed up over the first epoch after every (re)start: see guard.py
+                    rate *= min(1.0, (step - restarted + 1) / steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
                 if len(rows):
                     x = task.inputs[rows].to(task.device, non_blocking=True)
                     y = task.targets[rows].to(task.device, non_blocking=True)
@@ -165,25 +189,53 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
                     scaler.scale(loss).backward()
                     epoch_loss += float(loss.detach())
                     if not is_distributed():  # (ranks check together at the epoch's end: none may stop alone)
-                        _check_finite(task, config, len(losses), epoch_loss)
+                        _check_finite(task, config, len(losses), epoch_loss, lr=peak)
                 all_reduce_gradients_(params)
                 scaler.step(optimizer)
                 scaler.update()
-                schedule.step()
+                step += 1
                 if config.lora_rank == 0:
                     with torch.no_grad():
                         for param, mask in task.masks.items():
                             param.mul_(mask)
             epoch_loss = all_reduce_numbers([epoch_loss])[0]
-            _check_finite(task, config, len(losses), epoch_loss, params)
+            _check_finite(task, config, len(losses), epoch_loss, params, lr=peak)
             losses.append(epoch_loss / max(len(batches), 1))
-            bar.set_postfix(loss=f"{losses[-1]:.3g}")
+            state_bytes = max(state_bytes, _state_bytes(optimizer))
+            improved = guard is None or guard.check()
+            shown = {} if guard is None else {"heldout": f"{guard.curve[-1]:.3g}"}
+            bar.set_postfix(loss=f"{losses[-1]:.3g}", **shown)
             bar.update(1)
+            if improved:
+                continue
+            if auto and guard.turned_up and len(halved_after) < MAX_HALVINGS:
+                # the rate overshot: back to the best weights; half the rate, fresh moments, a fresh patience
+                guard.restore()
+                guard.stale = 0
+                peak /= 2
+                halved_after.append(len(losses))
+                restarted = step
+                del optimizer
+                optimizer = _adamw(params, peak, config)
+            elif guard.exhausted:
+                break
         bar.close()
-        state_bytes = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
-                          if torch.is_tensor(t) and t.dim() > 0)
-        del optimizer, schedule  # the optimizer state lives only while this window is trained
-    return {"loss_per_epoch": losses, "steps": total_steps, "optimizer_state_bytes": state_bytes}
+        if guard is not None:
+            guard.restore()
+        del optimizer  # the optimizer state lives only while this window is trained
+    info: dict[str, Any] = {"loss_per_epoch": losses, "steps": step, "optimizer_state_bytes": state_bytes,
+                            "lr": first_peak, "lr_auto": auto, "seconds": time.perf_counter() - started}
+    if auto:
+        info.update(lr_final=peak, lr_halved_after=halved_after)
+    if guard is not None:
+        info.update(heldout_per_epoch=guard.curve, epoch_kept=guard.best_epoch, epochs_run=len(losses),
+                    stopped_early=len(losses) < config.epochs, reverted=guard.reverted, guard_seconds=guard.seconds)
+    return info
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+               if torch.is_tensor(t) and t.dim() > 0)
 
 
 class BlockReconstruction(Reconstruction):
