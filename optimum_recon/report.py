@@ -44,6 +44,13 @@ class BlockRecord:
     heldout_error_before: float | None = None
     heldout_error_before_normalized: float | None = None
 
+    @property
+    def training(self) -> dict[str, Any] | None:
+        """The record of the last window this block was trained in (BR: its own; CR: the window it left in), with
+        the learning rate, and with the guard the held-out curve and the epoch kept; None when nothing was trained."""
+        windows = self.reconstruction.get("windows", [])
+        return windows[-1] if windows else None
+
     def set_errors(self, split: str, after, before, local=None) -> None:
         """Fill the fields of ``split`` ("calibration" or "heldout") from error meters."""
         prefix = "" if split == "calibration" else "heldout_"
@@ -95,6 +102,49 @@ class PruningReport:
         """The paper's headline number: the last block's reconstruction error on calibration data."""
         return self.blocks[-1].error if self.blocks else None
 
+    def guard_summary(self) -> dict[str, Any] | None:
+        """What the held-out guard and ``lr="auto"`` decided over the run (None when nothing was trained): the
+        learning rates (first and final peaks), the blocks that kept their masked-only weights, stopped early, or
+        had their rate halved, and the epochs run."""
+        trained = [(b.index, b.training) for b in self.blocks if b.training]
+        if not trained:
+            return None
+        guarded = [(i, w) for i, w in trained if "epoch_kept" in w]
+        return {
+            "lr": [min(w["lr"] for _, w in trained), max(w["lr"] for _, w in trained)] if all(
+                "lr" in w for _, w in trained) else None,
+            "lr_auto": any(w.get("lr_auto") for _, w in trained),
+            "guarded": len(guarded),
+            "blocks": len(trained),
+            "reverted": [i for i, w in guarded if w["reverted"]],
+            "stopped_early": [i for i, w in guarded if w["stopped_early"]],
+            "halved": [i for i, w in trained if w.get("lr_halved_after")],
+            "epochs_run": sum(w.get("epochs_run", len(w.get("loss_per_epoch", []))) for _, w in trained),
+            "epochs_planned": sum(int(self.config.get("epochs", 0)) for _ in trained) or None,
+        }
+
+    def guard_words(self) -> str | None:
+        """One sentence on what the guard did, for summaries and the model card."""
+        g = self.guard_summary()
+        if g is None:
+            return None
+        lr = g["lr"]
+        rate = "" if lr is None else (
+            f"learning rate {'chosen per block (lr=auto): ' if g['lr_auto'] else ''}"
+            + (f"{lr[0]:.3g}" if lr[0] == lr[1] else f"{lr[0]:.3g} to {lr[1]:.3g}")
+            + (f", halved in {len(g['halved'])} blocks" if g["halved"] else "") + "; ")
+        if not g["guarded"]:
+            return f"{rate}training was not guarded (no held-out windows)."
+        planned = f" of {g['epochs_planned']}" if g["epochs_planned"] else ""
+
+        def some(blocks: list[int]) -> str:
+            return f"{len(blocks)} ({', '.join(map(str, blocks[:8]))}{', ...' if len(blocks) > 8 else ''})" \
+                if blocks else "none"
+
+        return (f"{rate}every epoch judged on the held-out windows, the best kept: {g['epochs_run']}{planned} epochs "
+                f"run; blocks stopped early: {some(g['stopped_early'])}; blocks whose training never beat their "
+                f"masked-only weights (kept): {some(g['reverted'])}.")
+
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-able values (with `final_error`)."""
         data = asdict(self)
@@ -138,6 +188,8 @@ class PruningReport:
             header += f" {'before':>10} {'cut':>6}"
         if heldout:
             header += f" {'held-out':>10} {'norm.':>9}"
+        if trained:
+            header += f" {'lr':>8} {'epoch kept':>16}"
         lines.append(header + f" {'seconds':>7}")
         for b in self.blocks:
             row = f"{b.index:>5} {b.sparsity:>8.2%} {b.error:>10.4g} {b.error_normalized:>10.4g}"
@@ -146,11 +198,30 @@ class PruningReport:
                 row += f" {b.error_before:>10.4g} {cut:>6.1%}"
             if heldout:
                 row += f" {b.heldout_error:>10.4g} {b.heldout_error_normalized:>9.3g}"
+            if trained:
+                row += f" {_lr_cell(b.training):>8} {_kept_cell(b.training):>16}"
             lines.append(row + f" {b.seconds:>7.1f}")
+        words = self.guard_words()
+        if words:
+            lines.append(words[0].upper() + words[1:])
         for name, values in self.perplexity.items():
             pairs = " -> ".join(f"{k} {values[k]:.3f}" for k in ("dense", "pruned") if values.get(k) is not None)
             lines.append(f"{name} perplexity: {pairs}")
         return "\n".join(lines)
+
+
+def _lr_cell(training: dict[str, Any] | None) -> str:
+    if not training or "lr" not in training:
+        return "-"
+    final = training.get("lr_final", training["lr"])
+    return f"{final:.2g}" + ("*" if final != training["lr"] else "")  # *: halved from the rule's rate
+
+
+def _kept_cell(training: dict[str, Any] | None) -> str:
+    if not training or "epoch_kept" not in training:
+        return "-"
+    cell = f"{training['epoch_kept']}/{training['epochs_run']}"
+    return cell + (" masked-only" if training["reverted"] else " early" if training["stopped_early"] else "")
 
 
 @contextlib.contextmanager

@@ -48,6 +48,7 @@ def test_prune_eval_and_recipe(tiny_model_dir, text_file, tmp_path, capsys):
         (["--method", "obs"], "method='obs' is not valid"),
         (["--model", "./no/such/folder"], "model path './no/such/folder' does not exist"),
         (["--calibration", "missing.jsonl"], "does not exist"),
+        (["--guard", "--heldout-samples", "0"], "guard=True judges training on held-out windows"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, tiny_model_dir, capsys):
@@ -73,3 +74,25 @@ def test_optimum_cli_plugin_is_registered():
 def test_console_script_version():
     result = subprocess.run([sys.executable, "-m", "optimum_recon.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("optimum-recon ")
+
+
+def test_training_flags_with_layer_reconstruction_are_named_as_ignored(tiny_model_dir, text_file, tmp_path, capsys):
+    assert main(["prune", "--model", str(tiny_model_dir), "--reconstruction", "layer", "--lr", "2e-3", "--no-guard",
+                 "--calibration", str(text_file), "--num-samples", "4", "--seq-len", "16", "--no-progress",
+                 "--output", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "--lr, --no-guard ignored" in err and "nothing is trained" in err
+
+
+def test_lr_auto_and_the_guard_from_the_command_line(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "br"
+    assert main(["prune", "--model", str(tiny_model_dir), "--lr", "auto", "--epochs", "2", "--batch-size", "2",
+                 "--method", "magnitude", "--calibration", str(text_file), "--num-samples", "4", "--seq-len", "16",
+                 "--no-progress", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch kept" in printed and "every epoch judged on the held-out windows" in printed
+    config = PruningConfig.from_pretrained(out)
+    assert config.lr == "auto" and config.guard is None and config.calibration.heldout_samples is None
+    card = (out / "README.md").read_text()
+    heldout = json.loads((out / "pruning_report.json").read_text())["calibration"]["heldout"]
+    assert 'lr="auto"' in card and f"judged on {heldout} held-out windows" in card and "--lr auto" in card

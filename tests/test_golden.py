@@ -25,14 +25,19 @@ from optimum_recon import CalibrationSet, PruningConfig, prune_model  # noqa: E4
 
 GOLDEN = Path(__file__).resolve().parent / "golden_prunes.json"
 
+# The recipes recorded before the guard and lr="auto" (their defaults then: lr 2e-4, unguarded), and the defaults now.
+_BEFORE = dict(lr=2e-4, guard=False)
 RECIPES = {
     "llama-sparsegpt-LR": ("llama", dict(method="sparsegpt", reconstruction="layer")),
     "llama-wanda-2:4-BR": ("llama", dict(method="wanda", pattern="2:4", reconstruction="block", epochs=2,
-                                         batch_size=4)),
+                                         batch_size=4, **_BEFORE)),
     "gpt2-magnitude-CR-local": ("gpt2", dict(method="magnitude", reconstruction="cross_block", propagation="local",
-                                             epochs=1, batch_size=4, sparsity=0.6)),
+                                             epochs=1, batch_size=4, sparsity=0.6, **_BEFORE)),
     "opt-sparsegpt-4:8-BR-lora": ("opt", dict(method="sparsegpt", pattern="4:8", reconstruction="block", epochs=1,
-                                              batch_size=4, lora_rank=4)),
+                                              batch_size=4, lora_rank=4, **_BEFORE)),
+    "llama-sparsegpt-BR-guarded-auto": ("llama", dict(method="sparsegpt", epochs=3, batch_size=4)),
+    "gpt2-wanda-CR-guarded-auto": ("gpt2", dict(method="wanda", reconstruction="cross_block", epochs=2,
+                                                batch_size=4)),
 }
 
 

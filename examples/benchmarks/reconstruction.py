@@ -227,7 +227,22 @@ def _finish(results: dict, output: Path) -> None:
     print(table(results))
     for method in dict.fromkeys(r["method"] for r in results["runs"]):
         _plot(results, method, output.with_name(f"{output.stem}_{method}.png"))
+        for r in results["runs"]:
+            if r["method"] == method and r["row"] == "default":
+                _plot_training(r, output.with_name(f"{output.stem}_{method}_default_training.png"))
     print(f"written to {output}")
+
+
+def _plot_training(row: dict, path: Path) -> None:
+    """The guarded row's per-epoch curves: calibration loss vs held-out error, the kept epoch marked."""
+    from optimum_recon.plotting import plot_training_curves
+    from optimum_recon.report import BlockRecord, PruningReport
+
+    blocks = [BlockRecord(index=b["index"], error=b["error"], error_normalized=b["error_normalized"], error_local=None,
+                          sparsity=0.5, seconds=0.0, reconstruction={"windows": b.get("training", [])})
+              for b in row["per_block"]]
+    plot_training_curves(PruningReport(blocks=blocks), path,
+                         title=f"{row['method']} {row['row']}: error per epoch (epoch 0: masked only)")
 
 
 def _plot(results: dict, method: str, path: Path) -> None:

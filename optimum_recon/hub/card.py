@@ -28,10 +28,10 @@ _CITATION = """@inproceedings{shin2024rethinking,
 
 _RECONSTRUCTION_WORDS = {
     "layer": "no training after masking (layer-wise reconstruction only: {method}'s own update)",
-    "block": "block-wise reconstruction: after masking, each block's remaining weights were trained for {epochs} "
-             "epochs so that its output matches {target}",
+    "block": "block-wise reconstruction: after masking, each block's remaining weights were trained for up to "
+             "{epochs} epochs so that its output matches {target}",
     "cross_block": "cross-block reconstruction: sliding windows of {window} consecutive blocks were trained jointly "
-                   "for {epochs} epochs so that their output matches {target}",
+                   "for up to {epochs} epochs so that their output matches {target}",
 }
 
 
@@ -55,7 +55,7 @@ def base_model_license(base_model: str | None) -> str | None:
     return getattr(card.data, "license", None)
 
 
-def _what_was_done(config: PruningConfig) -> str:
+def _what_was_done(config: PruningConfig, report: PruningReport | None) -> str:
     pattern = "unstructured" if config.nm is None else f"{config.pattern} semi-structured"
     target = ("the dense model's own hidden states (global propagation)" if config.propagation == "global"
               else "the dense block's output on the pruned model's inputs (local targets)")
@@ -63,6 +63,9 @@ def _what_was_done(config: PruningConfig) -> str:
         method=config.method, epochs=config.epochs, target=target, window=config.window)
     if config.reconstruction != "layer" and config.lora_rank:
         recon += f", with rank-{config.lora_rank} updates applied through the masks"
+    if config.reconstruction != "layer" and config.epochs:
+        heldout = (report.calibration or {}).get("heldout") if report is not None else None
+        recon += ". " + _training_words(config, config.calibration.num_heldout if heldout is None else heldout)
     cal = config.calibration
     layers = "every linear layer of every decoder block" if not config.targets else (
         f"the linear layers matching {', '.join(f'`{t}`' for t in config.targets)}")
@@ -83,6 +86,19 @@ def _what_was_done(config: PruningConfig) -> str:
         words += (f" Another {cal.self_samples} sequences, sampled from the dense model itself (temperature "
                   f"{cal.self_temperature}, top-k {cal.self_top_k}, top-p {cal.self_top_p}), fed {use}.")
     return words
+
+
+def _training_words(config: PruningConfig, heldout: int) -> str:
+    """How the training recipe was chosen: the learning rate rule and the held-out guard."""
+    lr = ("a peak learning rate chosen per block by `lr=\"auto\"` (1% of the root mean square of its kept weights; "
+          "halved whenever an epoch raised the held-out error)" if config.lr == "auto" else
+          f"a fixed peak learning rate of {config.lr:g}")
+    words = f"AdamW with {lr}, decayed linearly to zero"
+    if config.guard is False or heldout == 0:
+        return words + "; training was not judged on held-out data"
+    return (words + f"; every epoch was judged on {heldout} held-out windows from documents no calibration window "
+            f"came from, each block kept the weights of its best epoch (its masked-only weights when no epoch beat "
+            f"them) and stopped after {config.patience} epochs without improvement")
 
 
 def _base_words(base_model: str | None) -> str:
@@ -145,6 +161,9 @@ def _results(report: PruningReport | None) -> str:
             fmt = lambda v: f"{v:.4f}" if v is not None else "not measured"  # noqa: E731
             lines.append(f"| {name} | {fmt(values.get('dense'))} | {fmt(values.get('pruned'))} |")
     lines += _error_table(report)
+    guard = report.guard_words()
+    if guard:
+        lines += ["", "Training: " + guard]
     if report.notes:
         lines += ["", "Notes from the run:", ""] + [f"- {note}" for note in report.notes]
     return "\n".join(lines)
@@ -189,7 +208,7 @@ def build_model_card(
     body = f"""
 # {title} to {config.sparsity:.0%} sparsity ({config.method}, {config.pattern})
 
-{_base_words(base_model)}{_what_was_done(config)}
+{_base_words(base_model)}{_what_was_done(config, report)}
 
 ## Results
 
