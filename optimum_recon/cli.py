@@ -193,7 +193,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     config = PruningConfig(**values, calibration=CalibrationConfig(**calibration))
     if config.reconstruction == "layer" or config.epochs == 0:
         argv = argv if argv is not None else getattr(args, "argv", None)
-        given = sorted(_explicit_flags(argv if argv is not None else sys.argv[1:]) & {"lr", "guard", "no-guard", "patience"})
+        explicit = _explicit_flags(argv if argv is not None else sys.argv[1:])
+        given = sorted(explicit & {"lr", "guard", "no-guard", "patience"})
         if given:
             warnings.warn(f"{', '.join('--' + g for g in given)} ignored: with --reconstruction "
                           f"{config.reconstruction} and --epochs {config.epochs} nothing is trained.", stacklevel=2)

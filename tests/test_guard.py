@@ -215,3 +215,13 @@ def test_heldout_windows_when_no_document_is_left(tiny_tokenizer):
 def test_guard_with_layer_reconstruction_is_a_warning(calib_ids):
     with pytest.warns(UserWarning, match="nothing is trained"):
         prune_model(make_tiny_model("llama"), PruningConfig(reconstruction="layer", guard=True), calib_ids, QUIET)
+
+
+def test_cross_block_windows_are_guarded_each(calib_ids):
+    report = prune_model(make_tiny_model("llama"), PruningConfig(reconstruction="cross_block", epochs=3, batch_size=4),
+                         CalibrationSet(calib_ids[:8], calib_ids[8:]), QUIET)
+    windows = [w for b in report.blocks for w in b.reconstruction["windows"]]
+    assert len({tuple(w["window"]) for w in windows}) == len(report.blocks) + 1  # [0], [0,1], [1,2], [2]
+    for w in windows:
+        curve = w["heldout_per_epoch"]
+        assert curve[w["epoch_kept"]] <= curve[0] and len(curve) == w["epochs_run"] + 1
