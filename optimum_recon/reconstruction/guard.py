@@ -19,8 +19,11 @@ an epoch. Memory: one CPU copy of the window's trainable weights (a block's size
 
 ``lr="auto"``: AdamW moves every weight by about lr per step whatever the size of its gradient, so a rate only
 means something relative to the size of the weights it moves. The peak rate is therefore 1% of the root mean square
-of the window's kept (unpruned) weights: for LLaMA-7B-like weights (RMS of the kept weights about 0.02-0.03)
-that is the paper's 2e-4-3e-4; for the bundled SmolLM2-135M (0.27) it is 2.7e-3 (hand-tuned best there: 2e-3).
+of the window's kept (unpruned) weights: for weights of RMS 0.02-0.03 (LLaMA-style models are initialized at a
+standard deviation of 0.02) that is the paper's 2e-4-3e-4; for the bundled SmolLM2-135M (kept weights' RMS 0.27) it
+is 2.7e-3 (the best fixed rate of a hand sweep there: 2e-3). The rate is warmed up linearly over the first epoch
+(AdamW's first steps move every weight by the full rate at once, which showed as a held-out error that rose in the
+first epoch and fell after it) and decays linearly to zero over the planned steps.
 The rule only picks a starting point: when an epoch leaves the held-out error above the best so far, the
 best weights are restored, the rate is halved and AdamW's moments are reset (they were gathered on the
 discarded path), so a rate too large for a window costs one epoch and is corrected there. Without held-out
