@@ -51,15 +51,15 @@ def plot_training_curves(report: PruningReport, path: str | os.PathLike, *, bloc
     Args:
         report: A report of a guarded run (blocks without a held-out curve are skipped).
         path: Where to write the PNG.
-        blocks: The blocks to draw; default: ``panels`` of them, the ones that kept their masked-only weights or
-            stopped early first, then evenly spread.
+        blocks: The blocks to draw; default: ``panels`` of them, the ones that kept their masked-only weights or had
+            their rate halved first, then evenly spread.
     """
     plt = _pyplot()
     curves = {b.index: b.training for b in report.blocks if b.training and "heldout_per_epoch" in b.training}
     if not curves:
         raise ValueError("no block of this report has a held-out curve: was it trained with the guard?")
     if blocks is None:
-        odd = [i for i, w in curves.items() if w["reverted"] or w["stopped_early"]]
+        odd = [i for i, w in curves.items() if w["reverted"] or w.get("lr_halved_after")]
         spread = list(curves)[:: max(1, len(curves) // panels)]
         blocks = sorted(dict.fromkeys(odd[: panels // 2] + spread))[:panels]
     cols = min(3, len(blocks))
