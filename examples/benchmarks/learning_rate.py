@@ -29,7 +29,9 @@ def run(args, lr: float | None) -> dict:
     from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
     from optimum_recon.modeling import find_blocks
 
-    training = {"epochs": 0} if lr is None else {"epochs": args.epochs, "lr": lr}
+    # fixed rates as the paper trains (unguarded); "auto" is the library's default (guarded, lr chosen per block)
+    guard = None if lr == "auto" else False
+    training = {"epochs": 0} if lr is None else {"epochs": args.epochs, "lr": lr, "guard": guard}
     config = PruningConfig(method=args.method, sparsity=0.5, reconstruction="layer" if lr is None else "block",
                            propagation="global", **training,
                            calibration=CalibrationConfig(source=args.source, num_samples=args.num_samples,
@@ -54,7 +56,8 @@ def table(results: dict) -> str:
     lines = ["| setting | last-block error (normalized) | vs LR | held-out error (normalized) | vs LR | time (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results["runs"]:
-        name = "LR" if r["lr"] is None else f"BR+GP lr {r['lr']:g}"
+        name = "LR" if r["lr"] is None else "BR+GP default (guarded, lr auto)" if r["lr"] == "auto" else \
+            f"BR+GP lr {r['lr']:g}"
         lines.append(
             f"| {name} | {r['final_error']:.4g} ({r['final_error_normalized']:.3g}) | "
             f"{r['final_error'] / lr_row['final_error'] - 1:+.0%} | {r['heldout_error']:.4g} "
@@ -69,7 +72,7 @@ def main() -> None:
     add_data_dir_argument(parser)
     parser.add_argument("--method", default="sparsegpt", choices=["sparsegpt", "wanda", "magnitude"])
     parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--lrs", default="2e-4,1e-3,2e-3,5e-3")
+    parser.add_argument("--lrs", default="2e-4,1e-3,2e-3,5e-3", help="fixed rates (unguarded), or 'auto'")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--heldout", type=int, default=16)
@@ -89,9 +92,9 @@ def main() -> None:
     os.environ.update(offline_env(args.data_dir))
     results = {**run_metadata(),
                "settings": {k: v for k, v in vars(args).items() if k != "output"}, "runs": []}
-    for lr in [None, *(float(v) for v in args.lrs.split(","))]:
+    for lr in [None, *(v if v == "auto" else float(v) for v in args.lrs.split(","))]:
         results["runs"].append(run(args, lr))
-        print(f"{'LR' if lr is None else f'lr {lr:g}'}: last-block error {results['runs'][-1]['final_error']:.4g}",
+        print(f"{'LR' if lr is None else f'lr {lr}'}: last-block error {results['runs'][-1]['final_error']:.4g}",
               flush=True)
         write_results(Path(args.output), results)
     print(table(results))
