@@ -115,7 +115,7 @@ def _check_finite(task: WindowTask, config: "PruningConfig", epoch: int, loss: f
         bad = f"{len(broken)} trained tensors hold NaN or inf" if broken else None
     if bad is None:
         return
-    hint = (f"the learning rate {lr:g} is probably too large for this model; give lr a smaller number"
+    hint = (f"the learning rate lr={lr:g} is too large for this model; give lr a smaller number"
             if lr > 1e-3 else "check the calibration data and the model's dtype (float16 overflows easily: "
             "use float32 or bfloat16)")
     raise NonFiniteTrainingError(
