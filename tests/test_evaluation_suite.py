@@ -170,8 +170,9 @@ def test_compare_writes_the_table_json_and_plots(three_models, text_file, local_
     assert data["models"][0]["perplexity"][str(text_file)] != data["models"][1]["perplexity"][str(text_file)]
     table = (out / "comparison.md").read_text()
     assert table.count("\n") == 5 and "tiny_choice acc" in table and "50.0%" in table
-    for png in ("perplexity.png", "block_errors.png"):
+    for png in ("perplexity.png", "block_errors.png", "training_3.png"):  # the guarded BR model's curves
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "training_2.png").exists()  # LR trains nothing
 
 
 def test_cli_eval_records_results_in_the_card_and_compare_runs(three_models, text_file, local_task, tmp_path,

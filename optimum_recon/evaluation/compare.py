@@ -117,6 +117,14 @@ class Comparison:
 
             files["block_errors_plot"] = Path(plot_block_errors(
                 reports, out / "block_errors.png", title="Per-block reconstruction error of each pruned model"))
+        for i, model in enumerate(self.models, start=1):  # training_<its place in the table>.png
+            name, report = model.name, model.report
+            if report is not None and any(b.training and "heldout_per_epoch" in b.training for b in report.blocks):
+                from ..plotting import plot_training_curves
+
+                # the guard's decisions per epoch: calibration loss vs held-out error, the kept epoch starred
+                files[f"training_plot_{i}"] = Path(plot_training_curves(
+                    report, out / f"training_{i}.png", title=f"{name}: error per epoch (epoch 0: masked only)"))
         return files
 
     def _plot_perplexity(self, path: Path) -> Path:
