@@ -79,7 +79,8 @@ class RunState:
         # The error "before" training, of the masked but untrained block on its final inputs. With a window of one
         # block (BR) those inputs are final when the block is masked, so it is measured then ("before_errors");
         # in CR the inputs still change while the previous block trains, so the untrained weights are kept on the
-        # CPU ("snapshots") and measured when the block leaves the window. BR thus never holds a second copy.
+        # CPU ("snapshots") and measured when the block leaves the window. BR thus holds no snapshot (the guard's copy
+        # of the best epoch's weights, one block's size on the CPU, lives only while the block trains).
         self.before_at_masking = self.trains and self.window == 1
         self.before_errors: dict[int, dict[str, ErrorMeter]] = {}
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
