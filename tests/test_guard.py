@@ -225,3 +225,13 @@ def test_cross_block_windows_are_guarded_each(calib_ids):
     for w in windows:
         curve = w["heldout_per_epoch"]
         assert curve[w["epoch_kept"]] <= curve[0] and len(curve) == w["epochs_run"] + 1
+
+
+def test_the_defaults_on_every_architecture_never_end_a_block_above_its_masked_only_heldout_error(arch, calib_ids):
+    torch.manual_seed(7)
+    calibration = CalibrationSet(calib_ids[:8], torch.randint(0, VOCAB, (4, 24)))
+    report = prune_model(make_tiny_model(arch), PruningConfig(method="wanda", epochs=3, batch_size=4), calibration,
+                         QUIET)
+    for block in report.blocks:
+        assert block.heldout_error <= block.heldout_error_before * (1 + 1e-6)
+        assert block.training["lr_auto"] and block.training["lr"] > 0 and "epoch_kept" in block.training
