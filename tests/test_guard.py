@@ -235,3 +235,20 @@ def test_the_defaults_on_every_architecture_never_end_a_block_above_its_masked_o
     for block in report.blocks:
         assert block.heldout_error <= block.heldout_error_before * (1 + 1e-6)
         assert block.training["lr_auto"] and block.training["lr"] > 0 and "epoch_kept" in block.training
+
+
+def test_lora_training_is_guarded_too(calib_ids):
+    """The guard copies and restores the low-rank factors (the trainable tensors), and the merged weights keep the
+    masks."""
+    torch.manual_seed(8)
+    calibration = CalibrationSet(calib_ids[:4], torch.randint(0, VOCAB, (4, 24)))
+    model = make_tiny_model("llama")
+    report = prune_model(model, PruningConfig(method="magnitude", epochs=6, lr=5e-2, batch_size=2, lora_rank=2),
+                         calibration, QUIET)
+    for block in report.blocks:
+        assert block.heldout_error <= block.heldout_error_before * (1 + 1e-6)
+        assert block.heldout_error == pytest.approx(min(block.training["heldout_per_epoch"]), rel=1e-5)
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged, nothing left behind
+    for name, param in model.named_parameters():
+        if "layers." in name and param.dim() == 2:  # the masks survived training and restoring
+            assert float((param == 0).float().mean()) == pytest.approx(0.5, abs=0.02), name
