@@ -178,12 +178,12 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     """A `PruningConfig` from parsed flags (over a ``--recipe`` when given)."""
     values = {f.name: getattr(args, f.name) for f in fields(PruningConfig) if hasattr(args, f.name)}
     calibration = {f.name: getattr(args, f"calibration_{f.name}") for f in fields(CalibrationConfig)}
+    argv = argv if argv is not None else getattr(args, "argv", None)
+    explicit = _explicit_flags(argv if argv is not None else sys.argv[1:])
     if getattr(args, "recipe", None):
         base = PruningConfig.from_pretrained(args.recipe).to_dict()
-        argv = argv if argv is not None else getattr(args, "argv", None)
-        explicit = _explicit_flags(argv if argv is not None else sys.argv[1:])
         for flag, (cls, name, _) in _RECIPE_FLAGS.items():
-            if flag in explicit:
+            if flag in explicit or f"no-{flag}" in explicit:  # (--no-guard is as explicit as --guard)
                 continue
             if cls is PruningConfig:
                 values[name] = base[name]
@@ -192,8 +192,6 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     values.pop("calibration", None)
     config = PruningConfig(**values, calibration=CalibrationConfig(**calibration))
     if config.reconstruction == "layer" or config.epochs == 0:
-        argv = argv if argv is not None else getattr(args, "argv", None)
-        explicit = _explicit_flags(argv if argv is not None else sys.argv[1:])
         given = sorted(explicit & {"lr", "guard", "no-guard", "patience"})
         if given:
             warnings.warn(f"{', '.join('--' + g for g in given)} ignored: with --reconstruction "

@@ -122,9 +122,14 @@ class HeldoutGuard:
         """No epoch beat the starting weights: they are what is kept."""
         return self.best_epoch == 0
 
+    def restart(self) -> None:
+        """Back to the best epoch's weights with a fresh patience (lr="auto" halving the rate)."""
+        self.restore()
+        self.stale = 0
+
     def restore(self) -> None:
         """Put the best epoch's weights back (a no-op when the last epoch is the best)."""
-        if self.best_epoch == len(self.curve) - 1 and self.stale == 0:
+        if self.best_epoch == len(self.curve) - 1:
             return
         with torch.no_grad():
             for param, kept in zip(self.params, self._kept):

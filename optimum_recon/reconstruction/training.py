@@ -210,8 +210,7 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
                 continue
             if auto and guard.turned_up and len(halved_after) < MAX_HALVINGS:
                 # the rate overshot: back to the best weights; half the rate, fresh moments, a fresh patience
-                guard.restore()
-                guard.stale = 0
+                guard.restart()
                 peak /= 2
                 halved_after.append(len(losses))
                 restarted = step
