@@ -192,7 +192,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     values.pop("calibration", None)
     config = PruningConfig(**values, calibration=CalibrationConfig(**calibration))
     if config.reconstruction == "layer" or config.epochs == 0:
-        given = sorted(explicit & {"lr", "guard", "no-guard", "patience"})
+        given = sorted(explicit & {"lr", "guard", "no-guard", "patience", "loss"})
         if given:
             warnings.warn(f"{', '.join('--' + g for g in given)} ignored: with --reconstruction "
                           f"{config.reconstruction} and --epochs {config.epochs} nothing is trained.", stacklevel=2)

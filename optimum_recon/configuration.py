@@ -197,6 +197,9 @@ class PruningConfig:
             after `patience` epochs without improvement, and keep the masked-only weights when training never
             beats them. Default (None): on whenever there are held-out windows; true needs them.
         patience: BR/CR with the guard: epochs without a better held-out error before training stops.
+        loss: BR/CR: what training minimizes and the guard judges: `mse` (the paper's mean squared error over all
+            entries) or `relative` (each token's squared error divided by its target's squared norm, averaged over
+            tokens, so that the few tokens with massive activations do not outweigh all the others).
         batch_size: Calibration windows per training step and per forward pass.
         adam_betas: BR/CR: AdamW betas.
         weight_decay: BR/CR: AdamW weight decay (0 keeps pruned weights trivially fixed).
@@ -227,6 +230,7 @@ class PruningConfig:
     lr: float | str = "auto"
     guard: bool | None = None
     patience: int = 2
+    loss: str = "mse"
     batch_size: int = 8
     adam_betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
@@ -243,10 +247,12 @@ class PruningConfig:
         self._validate_sparsity()
         from .masks import MASK_METHODS  # registries are the single source of valid names
         from .reconstruction import RECONSTRUCTIONS
+        from .reconstruction.base import LOSSES
 
         _check_choice("method", self.method, sorted(MASK_METHODS))
         _check_choice("reconstruction", self.reconstruction, sorted(RECONSTRUCTIONS))
         _check_choice("propagation", self.propagation, PROPAGATIONS)
+        _check_choice("loss", self.loss, LOSSES)
         _check_number("dampening", self.dampening, 0, 1, high_open=True, example="0.01")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"block_size={self.block_size!r} is not valid: it must be a positive integer.")

@@ -50,7 +50,7 @@ def _recipe_flags() -> dict[str, tuple[type, str, Any]]:
 RECIPE_FLAGS = _recipe_flags()
 
 
-TRAINING_FLAGS = {"epochs", "lr", "guard", "patience", "batch-size", "adam-betas", "weight-decay", "window",
+TRAINING_FLAGS = {"epochs", "lr", "guard", "patience", "loss", "batch-size", "adam-betas", "weight-decay", "window",
                   "train-dtype", "gradient-checkpointing", "lora-rank", "lora-alpha"}
 
 

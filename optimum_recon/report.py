@@ -27,7 +27,8 @@ class LayerRecord:
 @dataclass
 class BlockRecord:
     """One block's results. Errors are mean squared differences against the dense model's hidden states after
-    the block; ``*_normalized`` divides by their mean square; ``*_before`` is with masked, untrained weights."""
+    the block; ``*_normalized`` divides by their mean square; ``*_relative`` is the mean over tokens of each token's
+    squared error divided by its target's squared norm; ``*_before`` is with masked, untrained weights."""
 
     index: int
     error: float  # calibration data, after reconstruction (the paper's metric)
@@ -43,6 +44,11 @@ class BlockRecord:
     heldout_error_normalized: float | None = None
     heldout_error_before: float | None = None
     heldout_error_before_normalized: float | None = None
+    # each token's squared error divided by its target's squared norm, averaged over tokens (`loss="relative"`)
+    error_relative: float | None = None
+    error_before_relative: float | None = None
+    heldout_error_relative: float | None = None
+    heldout_error_before_relative: float | None = None
 
     @property
     def training(self) -> dict[str, Any] | None:
@@ -58,6 +64,8 @@ class BlockRecord:
         setattr(self, f"{prefix}error_normalized", after.normalized)
         setattr(self, f"{prefix}error_before", before.mse)
         setattr(self, f"{prefix}error_before_normalized", before.normalized)
+        setattr(self, f"{prefix}error_relative", after.relative)
+        setattr(self, f"{prefix}error_before_relative", before.relative)
         if split == "calibration" and local is not None:
             self.error_local = local.mse
 

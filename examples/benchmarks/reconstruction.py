@@ -46,19 +46,29 @@ ROWS = {  # name -> (reconstruction, propagation, extra config)
 }
 
 
+_ROW_OPTIONS = {"lr": float, "loss": str}  # what a row may set after its name: "BR+GP lr=1e-3", "default loss=mse"
+
+
 def _row_settings(row: str) -> tuple[str, str, dict]:
-    """A row of ROWS, optionally with another learning rate: "BR+GP lr=1e-3" (still unguarded)."""
-    name, lr = _split_row(row)
+    """A row of ROWS, optionally with other settings: "BR+GP lr=1e-3" (still unguarded), "default loss=mse"."""
+    name, options = _split_row(row)
     if name not in ROWS:
-        raise SystemExit(f"unknown row {row!r}: use one of {', '.join(ROWS)} (optionally followed by ' lr=VALUE')")
+        raise SystemExit(f"unknown row {row!r}: use one of {', '.join(ROWS)} (optionally followed by "
+                         f"{' or '.join(k + '=VALUE' for k in _ROW_OPTIONS)})")
     reconstruction, propagation, extra = ROWS[name]
-    return reconstruction, propagation, {**extra, **({"lr": float(lr)} if lr else {})}
+    return reconstruction, propagation, {**extra, **options}
 
 
-def _split_row(row: str) -> tuple[str, str]:
-    """"BR+GP lr=1e-3" -> ("BR+GP", "1e-3"); a plain row -> (row, "")."""
-    name, _, lr = row.partition(" lr=")
-    return name, lr
+def _split_row(row: str) -> tuple[str, dict]:
+    """"BR+GP lr=1e-3" -> ("BR+GP", {"lr": 1e-3}); "BR+GP LoRA-16" -> ("BR+GP LoRA-16", {})."""
+    words = row.split(" ")
+    options = {}
+    for item in (w for w in words if "=" in w):
+        key, _, value = item.partition("=")
+        if key not in _ROW_OPTIONS or not value:
+            raise SystemExit(f"row {row!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(_ROW_OPTIONS)}")
+        options[key] = _ROW_OPTIONS[key](value)
+    return " ".join(w for w in words if "=" not in w), options
 
 
 def run_row(args, method: str, row: str) -> dict:
@@ -85,11 +95,14 @@ def run_row(args, method: str, row: str) -> dict:
         "method": method, "row": row, "wikitext2": ppl["wikitext2"].perplexity, "seconds": seconds,
         "peak_rss_mib": report.peak_rss_mib, "final_error": last.error, "final_error_normalized": last.error_normalized,
         "heldout_error": last.heldout_error, "heldout_error_normalized": last.heldout_error_normalized,
+        "final_error_relative": last.error_relative, "heldout_error_relative": last.heldout_error_relative,
         "optimizer_state_mib": max(states, default=0) / 2**20, "torch_threads": torch.get_num_threads(),
         "resumed": earlier > 0,
         "per_block": [{"index": b.index, "error": b.error, "error_normalized": b.error_normalized,
                        "error_before": b.error_before, "heldout_error": b.heldout_error,
-                       "heldout_error_before": b.heldout_error_before,
+                       "heldout_error_before": b.heldout_error_before, "error_relative": b.error_relative,
+                       "heldout_error_relative": b.heldout_error_relative,
+                       "heldout_error_before_relative": b.heldout_error_before_relative,
                        "training": [{k: w[k] for k in _TRAINING_KEYS if k in w}
                                     for w in b.reconstruction.get("windows", [])]} for b in report.blocks],
         "training_seconds": sum(w.get("seconds", 0.0) for w in windows),

@@ -157,7 +157,7 @@ class _Run(RunState):
                 c.to("cpu")
 
     def _heldout_error(self, window: list[nn.Module], s: int, e: int, device: torch.device):
-        """The guard's measure for window ``s..e``: its MSE on the held-out windows against their targets (summed
+        """The guard's measure for window ``s..e``: its error (as ``config.loss`` measures it) on the held-out windows against their targets (summed
         over the ranks), or None when the run has no held-out windows or the guard is off."""
         held = self.heldout
         if held is None or self.config.guard is False:
@@ -168,7 +168,7 @@ class _Run(RunState):
             meter = ErrorMeter()
             for b, x in enumerate(held.sparse[s]):
                 meter.update(held.passes.chain(window, s, b, x, device), targets[b])
-            return meter.all_reduce().mse
+            return meter.all_reduce().value(self.config.loss)
 
         return heldout_error
 

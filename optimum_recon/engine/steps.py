@@ -21,6 +21,7 @@ from ..distributed import (
 )
 from ..masks import MaskMethod
 from ..modeling.blocks import LinearLayer
+from ..reconstruction.base import error_sum
 from ..report import LayerRecord
 from .capture import BlockInputs, _to_device
 
@@ -83,24 +84,38 @@ class BlockPasses:
 
 
 class ErrorMeter:
-    """Accumulates sum((y - t)^2) and sum(t^2) in float64 over batches."""
+    """Accumulates sum((y - t)^2), sum(t^2) and each token's |y - t|^2 / |t|^2 in float64 over batches."""
 
     def __init__(self) -> None:
         self.sse = 0.0
         self.target_sq = 0.0
         self.count = 0
+        self.relative_sum = 0.0
+        self.tokens = 0
 
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
-        diff = output.double() - target.double()
-        self.sse += float(diff.pow(2).sum())
-        self.target_sq += float(target.double().pow(2).sum())
+        output, target = output.double(), target.double()
+        self.sse += float(error_sum(output, target, "mse"))
+        self.target_sq += float(target.pow(2).sum())
         self.count += target.numel()
+        self.relative_sum += float(error_sum(output, target, "relative"))
+        self.tokens += target.numel() // target.shape[-1]
 
     def all_reduce(self) -> "ErrorMeter":
         """Sum the meter over the ranks of a distributed run, so that the errors are global."""
-        self.sse, self.target_sq, count = all_reduce_numbers([self.sse, self.target_sq, self.count])
-        self.count = int(count)
+        self.sse, self.target_sq, count, self.relative_sum, tokens = all_reduce_numbers(
+            [self.sse, self.target_sq, self.count, self.relative_sum, self.tokens])
+        self.count, self.tokens = int(count), int(tokens)
         return self
+
+    def value(self, loss: str) -> float:
+        """The error as the training loss ``loss`` measures it (`reconstruction.base.LOSSES`)."""
+        return self.mse if loss == "mse" else self.relative
+
+    @property
+    def relative(self) -> float:
+        """The mean over tokens of each token's squared error divided by its target's squared norm."""
+        return self.relative_sum / max(self.tokens, 1)
 
     @property
     def mse(self) -> float:

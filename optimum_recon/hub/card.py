@@ -93,7 +93,9 @@ def _training_words(config: PruningConfig, heldout: int) -> str:
     lr = ("a peak learning rate chosen per block by `lr=\"auto\"` (1% of the root mean square of its kept weights; "
           "halved whenever an epoch raised the held-out error)" if config.lr == "auto" else
           f"a fixed peak learning rate of {config.lr:g}")
-    words = f"AdamW with {lr}, decayed linearly to zero"
+    loss = ("each token's squared error relative to its target's squared norm, averaged over tokens" if
+            config.loss == "relative" else "the mean squared error")
+    words = f"AdamW minimizing {loss}, with {lr}, decayed linearly to zero"
     if config.guard is False or heldout == 0:
         return words + "; training was not judged on held-out data"
     return (words + f"; every epoch was judged on {heldout} held-out windows from documents no calibration window "

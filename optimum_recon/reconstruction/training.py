@@ -1,8 +1,8 @@
 """BR and CR: train the remaining weights of a pruned window of blocks toward its target outputs.
 
 Every parameter of the window is trained (linear weights, norm weights, biases) with AdamW and a linear
-decay of the learning rate to zero, minimizing the mean squared error of the window's output (the
-paper's settings: betas (0.9, 0.95), no weight decay, batch 8, 10 epochs, no clipping; its lr 2e-4 is what
+decay of the learning rate to zero, minimizing the error of the window's output (``loss``: the mean squared
+error as in the paper, or each token's error relative to its size, see `base.py`; the paper's settings: betas (0.9, 0.95), no weight decay, batch 8, 10 epochs, no clipping; its lr 2e-4 is what
 ``lr="auto"`` gives LLaMA-7B-sized weights). With held-out windows every epoch is judged on them (`guard.py`):
 the best epoch's weights are kept, training stops early, and ``lr="auto"`` halves a rate that overshoots. Masks
 stay fixed: gradients of pruned weights are zeroed and the weights are multiplied by their mask after
@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_gradients_, all_reduce_numbers, is_distributed
-from .base import Reconstruction, WindowTask
+from .base import Reconstruction, WindowTask, error_sum, error_terms
 from .guard import MAX_HALVINGS, HeldoutGuard, auto_learning_rate
 from .lora import masked_low_rank, recomputed_merges
 
@@ -138,7 +138,8 @@ def _adamw(params: list[nn.Parameter], lr: float, config: "PruningConfig") -> to
 
 @torch.enable_grad()
 def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
-    """Minimize MSE(window(inputs), targets) over the window's parameters; masks stay fixed.
+    """Minimize the ``config.loss`` error of window(inputs) against targets over the window's parameters; masks stay
+    fixed.
 
     Returns what the report records: the training loss per epoch, the steps taken, the learning rate (``lr``: the
     peak used first; ``lr_final``: after any halving), and with the guard the held-out error per epoch (epoch 0:
@@ -185,7 +186,7 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
                     ):
                         out = task.forward(x)
                     # the mean over the global batch: this rank's share of it
-                    loss = nn.functional.mse_loss(out.float(), y.float(), reduction="sum") / (len(index) * y[0].numel())
+                    loss = error_sum(out, y, config.loss) / (len(index) * error_terms(y, config.loss))
                     scaler.scale(loss).backward()
                     epoch_loss += float(loss.detach())
                     if not is_distributed():  # (ranks check together at the epoch's end: none may stop alone)
