@@ -157,8 +157,9 @@ class _Run(RunState):
                 c.to("cpu")
 
     def _heldout_error(self, window: list[nn.Module], s: int, e: int, device: torch.device):
-        """The guard's measure for window ``s..e``: its error (as ``config.loss`` measures it) on the held-out windows against their targets (summed
-        over the ranks), or None when the run has no held-out windows or the guard is off."""
+        """The guard's measure for window ``s..e``: its error (as ``config.loss`` measures it) on the held-out windows
+        against their targets (summed over the ranks), or None when the run has no held-out windows or the guard is
+        off."""
         held = self.heldout
         if held is None or self.config.guard is False:
             return None
