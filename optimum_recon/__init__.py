@@ -8,7 +8,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .sparse_loading import install as _install_sparse_loading
 from .version import __version__
+
+_install_sparse_loading()  # compact sparse checkpoints load with AutoModelForCausalLM.from_pretrained
 
 _LAZY = {
     "CalibrationConfig": ".configuration",

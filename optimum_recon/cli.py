@@ -81,7 +81,7 @@ def _datasets(value: str | None) -> list[str]:
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
     """Add the `prune` and `eval` subcommands to ``parser`` (shared by optimum-recon and optimum-cli recon)."""
-    sub = parser.add_subparsers(dest="recon_command", metavar="{prune,eval,compare,generate-calibration}")
+    sub = parser.add_subparsers(dest="recon_command", metavar="{prune,eval,compare,generate-calibration,decompress}")
     prune = sub.add_parser("prune", help="Prune a model block by block and save it.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_flags(prune)
@@ -102,6 +102,14 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
                        "or one optimum-recon saved a model into (checked before the model is loaded).")
     prune.add_argument("--overwrite", action="store_true", help="Replace an --output folder that holds other files "
                        "(never the model's own folder or one containing it).")
+    prune.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                       help="dtype of the saved weights (default: the dtype of the checkpoint the model was loaded "
+                       "from, whatever dtype pruning ran in).")
+    prune.add_argument("--sparse-format", choices=("bitmask",), default=None,
+                       help="Save each pruned weight compact: its kept values plus a packed mask (N:M: which N of "
+                       "every M), about 0.56 of its dense bytes at 50%%. Loads with AutoModelForCausalLM once "
+                       "optimum_recon is imported; `optimum-recon decompress` writes a dense copy. Default: dense "
+                       "tensors with zeros, which every tool reads.")
     prune.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                        help="Also upload the saved model to this Hub repository (created if needed).")
     prune.add_argument("--private", action="store_true", help="With --push-to-hub: create the repository private.")
@@ -168,6 +176,14 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
                           "(new, empty, or one it wrote before).")
     generate.add_argument("--overwrite", action="store_true", help="Replace an --output folder that holds other files.")
     generate.set_defaults(recon_handler=run_generate)
+
+    decompress = sub.add_parser("decompress", help="Write a compact sparse checkpoint (--sparse-format bitmask) as "
+                                "a plain dense one, for tools that read only dense safetensors.")
+    decompress.add_argument("folder", help="The compact folder (a local folder or a Hub repo id).")
+    decompress.add_argument("output", help="A new or empty folder for the dense copy.")
+    decompress.add_argument("--overwrite", action="store_true", help="Replace an output folder that holds other "
+                            "files (never the input folder).")
+    decompress.set_defaults(recon_handler=run_decompress)
 
 
 def _explicit_flags(argv: list[str]) -> set[str]:
@@ -264,10 +280,12 @@ def run_prune(args: argparse.Namespace) -> int:
     print(report.summary())
     saved = None
     if args.output:
-        saved = pruner.save_pretrained(args.output, overwrite=args.overwrite)
+        saved = pruner.save_pretrained(args.output, overwrite=args.overwrite, save_dtype=args.save_dtype,
+                                       sparse_format=args.sparse_format)
         print(f"saved to {saved}")
     if args.push_to_hub:
-        commit = pruner.push_to_hub(args.push_to_hub, private=args.private or None)
+        commit = pruner.push_to_hub(args.push_to_hub, private=args.private or None, save_dtype=args.save_dtype,
+                                    sparse_format=args.sparse_format)
         print(f"pushed to {args.push_to_hub}: {getattr(commit, 'commit_url', commit)}")
     if args.checkpoint_dir:
         _finish_checkpoint(args.checkpoint_dir, keep=args.keep_checkpoint or not (saved or args.push_to_hub))
@@ -444,6 +462,20 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"saved to {save_dataset(dataset, args.output, overwrite=args.overwrite)}")
     print(f"use them with: optimum-recon prune --calibration c4+self:{args.num_samples} --seq-len {args.seq_len} "
           f"--seed {args.seed} (the cache is reused when the model, seed and settings match)")
+    return 0
+
+
+def run_decompress(args: argparse.Namespace) -> int:
+    from .hub.compact import decompress_folder
+    from .modeling.loading import resolve_model_path
+
+    folder = args.folder
+    if not os.path.isdir(folder):  # a Hub repo: download it (from the cache when it is there)
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(resolve_model_path(folder))
+    out = decompress_folder(folder, args.output, overwrite=args.overwrite)
+    print(f"wrote the dense checkpoint to {out}")
     return 0
 
 

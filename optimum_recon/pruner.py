@@ -23,6 +23,7 @@ from .folders import check_output_dir
 from .modeling.loading import (
     check_memory_budget,
     check_model_exists,
+    checkpoint_dtype,
     load_model,
     load_tokenizer,
     parse_dtype,
@@ -67,6 +68,9 @@ class ReconPruner:
         self.blocks_path = blocks_path
         self.report: PruningReport | None = None
         self.source_folder: str | None = None  # the local folder the model was loaded from: never written
+        # what save_pretrained writes by default: the checkpoint's own dtype (from_pretrained reads it from the
+        # checkpoint's config before loading), else the dtype of the model in memory
+        self.checkpoint_dtype: str | None = str(getattr(model, "dtype", "")).removeprefix("torch.") or None
         self._dense_perplexity: dict[str, float] = {}
         self._dense_zero_shot: dict[str, float] = {}
 
@@ -117,10 +121,12 @@ class ReconPruner:
         tokenizer = load_tokenizer(path, model_kwargs.get("trust_remote_code", False))
         with recorded_warnings() as notes:
             windows = external_windows(tokenizer, config.calibration) if read_calibration else None
+        saved_dtype = checkpoint_dtype(path, model_kwargs.get("trust_remote_code", False))
         model = load_model(path, dtype=dtype, allow_missing_weights=allow_missing_weights, **model_kwargs)
         model_id = DEFAULT_MODEL_NAME if model_id_or_path is None else str(model_id_or_path)
         pruner = cls(model, tokenizer, config, model_id=model_id, blocks_path=blocks_path)
         pruner.source_folder = path if os.path.isdir(path) else None
+        pruner.checkpoint_dtype = saved_dtype or pruner.checkpoint_dtype
         pruner._prepared = (dataclasses.asdict(config.calibration), windows, notes)
         return pruner
 
@@ -244,12 +250,21 @@ class ReconPruner:
         `prune` to fail in seconds rather than after the prune)."""
         return check_output_dir(save_directory, kind="model", overwrite=overwrite, protect=[self.source_folder])
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any):
-        """Save weights (safetensors, zeros kept), tokenizer, recipe, report and model card, atomically.
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False,
+                        save_dtype: Any = None, sparse_format: str | None = None, **kwargs: Any):
+        """Save weights (safetensors), tokenizer, recipe, report and model card, atomically.
 
         ``save_directory`` must be new, empty, or a model folder optimum-recon saved before; any other folder is
         refused (`OutputFolderError`) unless ``overwrite=True``, and the folder the model was loaded from (or one
         containing it) always is.
+
+        The weights are written in ``save_dtype`` (`float32`, `bfloat16`, `float16`); by default in the dtype of the
+        checkpoint the model was loaded from, whatever dtype pruning ran in (zeros stay zeros, N:M groups stay
+        valid). By default they are dense tensors with zeros in them, which every tool reads; ``sparse_format=
+        "bitmask"`` stores each pruned weight as its kept values plus a packed mask (for N:M, which N of every M),
+        about 0.56 of its dense bytes at 50%. A compact folder loads with a plain
+        ``AutoModelForCausalLM.from_pretrained(folder)`` once `optimum_recon` is imported, and
+        ``optimum-recon decompress`` turns it into a dense one for other tools.
 
         Raises:
             RuntimeError: when `prune` was interrupted or failed: the weights in memory are then half pruned.
@@ -260,13 +275,19 @@ class ReconPruner:
             raise RuntimeError("prune() did not finish (it failed or was interrupted), so the model in memory is "
                                "half pruned and is not saved. Run it again (with checkpoint_dir to resume).")
         # every rank holds the same model: rank 0 writes it, the others wait (and fail if it fails)
+        form = self._save_form(save_dtype, sparse_format)
         path = dist.run_on_main(
             save_pruned_model, self.model, self.tokenizer, self.config, self.report, save_directory,
             base_model=self.model_id, blocks_path=self.blocks_path, overwrite=overwrite,
-            protect=(self.source_folder,), **kwargs
+            protect=(self.source_folder,), save_dtype=form[0], sparse_format=sparse_format, **kwargs
         )
-        self._saved_to = path
+        self._saved_to, self._saved_as = path, form
         return path
+
+    def _save_form(self, save_dtype: Any, sparse_format: str | None) -> tuple[str | None, str | None]:
+        from .hub.compact import dtype_name
+
+        return dtype_name(save_dtype) if save_dtype is not None else self.checkpoint_dtype, sparse_format
 
     def push_to_hub(
         self,
@@ -278,11 +299,14 @@ class ReconPruner:
         revision: str | None = None,
         create_pr: bool = False,
         commit_message: str | None = None,
+        save_dtype: Any = None,
+        sparse_format: str | None = None,
     ) -> CommitInfo:
         """Upload the pruned model (with its recipe, report and model card) to the Hub.
 
         The folder last written by `save_pretrained` is uploaded (or ``save_directory``, saved first when it
-        does not hold this model yet); the upload only reads it, so a failed push leaves it intact.
+        does not hold this model yet, with ``save_dtype`` and ``sparse_format`` as in `save_pretrained`); the upload
+        only reads it, so a failed push leaves it intact.
 
         Returns:
             The `huggingface_hub` commit of the upload.
@@ -295,9 +319,13 @@ class ReconPruner:
         from .hub.push import push_folder
 
         folder = Path(save_directory) if save_directory is not None else getattr(self, "_saved_to", None)
-        if folder is None:
+        asked = (save_dtype, sparse_format) != (None, None)
+        if folder is None or (save_directory is None and asked and
+                              getattr(self, "_saved_as", None) != self._save_form(save_dtype, sparse_format)):
+            # nothing saved yet, or saved in another form: the user's folder is left as it is
             folder = Path(tempfile.mkdtemp(prefix="optimum-recon-push-")) / repo_id.split("/")[-1]
-        if getattr(self, "_saved_to", None) != Path(folder).expanduser().resolve():
-            self.save_pretrained(folder)
+        if getattr(self, "_saved_to", None) != Path(folder).expanduser().resolve() or (
+                asked and self._saved_as != self._save_form(save_dtype, sparse_format)):
+            self.save_pretrained(folder, save_dtype=save_dtype, sparse_format=sparse_format)
         return dist.run_on_main(push_folder, self._saved_to, repo_id, private=private, token=token,
                                 revision=revision, create_pr=create_pr, commit_message=commit_message)

@@ -100,6 +100,9 @@ class PruningReport:
     num_calibration_tokens: int = 0
     perplexity: dict[str, dict[str, float]] = field(default_factory=dict)
     zero_shot: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> {"dense": acc, "pruned": acc}
+    # how the last save wrote the weights: dtype, sparse_format, and for a compact save the bytes of the compressed
+    # weights dense ("compressed_dense") and compact ("compressed"), and how many ("compressed_tensors")
+    saved: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings raised while loading data and pruning

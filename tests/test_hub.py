@@ -76,6 +76,33 @@ print(json.dumps({"first": first.oid, "second": second.oid, "identical": identic
     assert result["library"] == "transformers"
 
 
+def test_push_and_download_the_compact_format(hub, tmp_path, tiny_model_dir, text_file):
+    """A compact push (the user's dense save is left alone), downloaded and loaded with transformers, and turned into
+    a dense folder by `optimum-recon decompress REPO`."""
+    code = PRUNE + """
+from huggingface_hub import ModelCard, snapshot_download
+from transformers import AutoModelForCausalLM
+from optimum_recon.cli import main
+dense_before = open(out + "/model.safetensors", "rb").read()
+pruner.push_to_hub(repo, sparse_format="bitmask")
+local = snapshot_download(repo)
+reloaded = AutoModelForCausalLM.from_pretrained(repo)
+state = pruner.model.state_dict()
+identical = all(torch.equal(t, state[n]) for n, t in reloaded.state_dict().items())
+code = main(["decompress", repo, out + "-dense"])
+dense = AutoModelForCausalLM.from_pretrained(out + "-dense")
+print(json.dumps({"identical": identical, "card": ModelCard.load(repo).text, "decompress": code,
+                  "config": json.load(open(local + "/config.json")),
+                  "dense_kept": open(out + "/model.safetensors", "rb").read() == dense_before,
+                  "dense_identical": all(torch.equal(t, state[n]) for n, t in dense.state_dict().items())}))
+"""
+    result = run_client(hub, tmp_path, code, str(tiny_model_dir), str(text_file), str(tmp_path / "out"), "me/compact")
+    assert result["identical"] and result["dense_identical"] and result["dense_kept"] and result["decompress"] == 0
+    assert result["config"]["quantization_config"]["quant_method"] == "optimum_recon"
+    assert result["config"]["quantization_config"]["pattern"] == "2:4"
+    assert "import optimum_recon" in result["card"] and "compact sparse format" in result["card"]
+
+
 def test_cli_push_and_recipe_from_the_hub(hub, tmp_path, tiny_model_dir, text_file):
     code = """
 import sys

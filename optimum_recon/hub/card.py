@@ -182,6 +182,36 @@ def _config_table(config: PruningConfig) -> str:
     return "\n".join(rows)
 
 
+def _how_to_load(report: PruningReport | None) -> str:
+    saved = (report.saved if report is not None else None) or {}
+    dtype = saved.get("dtype")
+    stored = f"The weights are stored in {dtype}" if dtype else "The weights are stored"
+    if saved.get("sparse_format"):
+        ratio = saved["compressed"] / max(saved["compressed_dense"], 1)
+        return f"""```python
+import optimum_recon  # registers the reader of the compact format with transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("REPO_OR_FOLDER")
+tokenizer = AutoTokenizer.from_pretrained("REPO_OR_FOLDER")
+```
+
+{stored} in optimum-recon's compact sparse format (`{saved["sparse_format"]}`): each pruned weight is its kept
+values plus a packed record of their positions, {ratio:.3f} of its dense size ({saved["compressed_tensors"]} weights).
+Loading needs `pip install optimum-recon` and expands every weight to the dense tensor with zeros. For tools that
+read only dense checkpoints: `optimum-recon decompress REPO_OR_FOLDER dense-copy`.
+"""
+    return f"""```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("REPO_OR_FOLDER")
+tokenizer = AutoTokenizer.from_pretrained("REPO_OR_FOLDER")
+```
+
+{stored} as ordinary safetensors, zeros included: no extra package is needed to load or run the model.
+"""
+
+
 def build_model_card(
     config: PruningConfig, report: PruningReport | None, base_model: str | None = None, license: str | None = None
 ) -> ModelCard:
@@ -218,14 +248,7 @@ def build_model_card(
 
 ## How to load
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("REPO_OR_FOLDER")
-tokenizer = AutoTokenizer.from_pretrained("REPO_OR_FOLDER")
-```
-
-The zeros are stored in ordinary safetensors: no extra package is needed to load or run the model.
+{_how_to_load(report)}
 `pruning_config.json` holds the recipe and `pruning_report.json` the per-block numbers.
 
 ## How to reproduce

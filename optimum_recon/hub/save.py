@@ -8,11 +8,15 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from ..configuration import PruningConfig
 from ..folders import atomic_directory
 from ..report import REPORT_NAME, PruningReport
 from .card import base_model_license, build_model_card
+from .compact import SPARSE_FORMATS, dtype_name, rewrite_weights
 
 
 def save_pruned_model(
@@ -27,23 +31,34 @@ def save_pruned_model(
     blocks_path: str | None = None,
     overwrite: bool = False,
     protect: tuple = (),
+    save_dtype: Any = None,
+    sparse_format: str | None = None,
 ) -> Path:
     """Save weights (safetensors), tokenizer, `pruning_config.json`, `pruning_report.json` and a model card.
 
     ``save_directory`` must be new, empty, or a model folder optimum-recon saved before (see `folders.py`);
     ``overwrite`` replaces any other folder except the ``protect``ed ones (the input model's folder).
+    The weights are written in ``save_dtype`` (default: the model's dtype in memory), compact with
+    ``sparse_format="bitmask"`` (see `compact.py`).
 
     A model dispatched with CPU or disk offload is written block by block: each shard holds at most one decoder
     block, so the save never brings more than that into memory (see `offloaded_shard_size`).
     """
     from ..modeling.offload import offload_visible_to_save, offloaded_shard_size
 
+    dtype = dtype_name(save_dtype if save_dtype is not None else getattr(model, "dtype", torch.float32))
+    if sparse_format is not None and sparse_format not in SPARSE_FORMATS:
+        raise ValueError(f"sparse_format={sparse_format!r} is not valid: choose {', '.join(SPARSE_FORMATS)}, or None "
+                         "for dense tensors with zeros.")
     shard_size = offloaded_shard_size(model, max_shard_size, blocks_path)
     folder = atomic_directory(save_directory, kind="model", overwrite=overwrite, protect=protect)
     with folder as tmp, warnings.catch_warnings(), offload_visible_to_save(model):
         # transformers warns that an offloaded save needs CPU memory for a whole shard; ours is one block.
         warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
         model.save_pretrained(tmp, max_shard_size=shard_size)
+        stats = rewrite_weights(tmp, dtype, sparse_format, config.nm)
+        if report is not None:
+            report.saved = {"dtype": dtype, "sparse_format": sparse_format, **stats}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config.save_pretrained(tmp)

@@ -61,6 +61,21 @@ def check_model_exists(path: str, trust_remote_code: bool = False) -> None:
         ) from err
 
 
+def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> str | None:
+    """The dtype the checkpoint at ``path`` declares in its config ("bfloat16", ...), or None when it declares none
+    (read before loading: loading in another dtype overwrites the config's)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    return name if name in ("float32", "bfloat16", "float16") else None
+
+
 class ModelLoadError(ValueError):
     """The loaded model is not the checkpoint: weights missing from the files, or files holding other weights."""
 

@@ -1,0 +1,176 @@
+"""The weights files of a saved model, rewritten shard by shard: in the dtype to save, and optionally compact.
+
+`save_pruned_model` lets transformers write the model as it is in memory (often float32 on a CPU), then rewrites
+each safetensors shard here before the folder is committed: every floating tensor is cast to the save dtype (the
+checkpoint's own by default), negative zeros become zeros (a masked weight multiplied by 0 can be -0.0, and a compact
+file stores no sign for zeros), and with ``sparse_format="bitmask"`` every weight whose zeros pay for their record is
+stored compact (`sparse_format.py`). One shard is in memory at a time: for an offloaded model a shard is one block.
+`decompress_folder` turns a compact folder back into a dense one without loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .sparse_format import MASK_SUFFIX, META_SUFFIX, decode, encode, worth_compressing
+
+SPARSE_FORMATS = ("bitmask",)
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_INDEX = "model.safetensors.index.json"
+
+
+def dtype_name(dtype: Any) -> str | None:
+    """"bfloat16" for torch.bfloat16 or "bfloat16"; None for None; a clear error for anything else."""
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if name not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype={dtype!r} is not valid: choose {', '.join(SAVE_DTYPES)}.")
+    return name
+
+
+def _shards(folder: Path) -> tuple[list[str], dict | None]:
+    index_path = folder / _INDEX
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        return sorted(set(index["weight_map"].values())), index
+    return sorted(p.name for p in folder.glob("*.safetensors")), None
+
+
+def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        return tensor
+    out = tensor.to(dtype)
+    if dtype != tensor.dtype and bool(torch.isinf(out).any()) and not bool(torch.isinf(tensor).any()):
+        top = float(tensor.abs().max())
+        raise OverflowError(f"{name} holds values up to {top:.4g}, beyond {dtype} (max {torch.finfo(dtype).max:.4g}): "
+                            "saving it would write inf. Save in bfloat16 or float32 (save_dtype=...).")
+    return out.masked_fill(out == 0, 0)  # -0.0 -> 0.0
+
+
+def rewrite_weights(folder: str | os.PathLike, dtype: str, sparse_format: str | None = None,
+                    pattern: tuple[int, int] | None = None) -> dict[str, int]:
+    """Rewrite the safetensors files of the model saved in ``folder``: cast to ``dtype``, compress with
+    ``sparse_format``; update the shard index and config.json (its ``dtype``, and the ``quantization_config`` that
+    makes transformers load a compact folder through optimum-recon). Returns byte counts: ``compressed_dense`` (what
+    the compressed weights take dense in ``dtype``), ``compressed`` (what they take now) and ``compressed_tensors``.
+
+    Raises:
+        ValueError: ``sparse_format`` given but no weight has zeros enough to be stored compact.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    target = SAVE_DTYPES[dtype]
+    files, index = _shards(folder)
+    stats = {"compressed_dense": 0, "compressed": 0, "compressed_tensors": 0}
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file in files:
+        path = folder / file
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(path, framework="pt") as reader:
+            metadata = reader.metadata() or {}
+            for name in reader.keys():
+                tensor = _cast(name, reader.get_tensor(name), target)
+                if sparse_format and name.endswith(".weight") and worth_compressing(tensor):
+                    parts = encode(tensor, pattern)
+                    tensors[name] = parts["values"]
+                    tensors[name + MASK_SUFFIX] = parts["mask"]
+                    tensors[name + META_SUFFIX] = parts["meta"]
+                    stats["compressed_dense"] += tensor.numel() * tensor.element_size()
+                    stats["compressed"] += sum(t.numel() * t.element_size() for t in parts.values())
+                    stats["compressed_tensors"] += 1
+                else:
+                    tensors[name] = tensor
+        save_file(tensors, str(path), metadata={**metadata, "format": "pt"})
+        for name, tensor in tensors.items():
+            weight_map[name] = file
+            total += tensor.numel() * tensor.element_size()
+        del tensors
+    if sparse_format and stats["compressed_tensors"] == 0:
+        raise ValueError(f"sparse_format={sparse_format!r}: no weight of this model has zeros enough to be stored "
+                         "compact (at least one bit per entry must be saved), so the folder would be the dense save. "
+                         "Prune first, or save without sparse_format.")
+    if index is not None:
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        index.setdefault("metadata", {})["total_size"] = total
+        (folder / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    _update_config(folder, dtype, sparse_format, pattern)
+    return stats
+
+
+def _update_config(folder: Path, dtype: str, sparse_format: str | None, pattern: tuple[int, int] | None) -> None:
+    from .quantizer import SparseCheckpointConfig
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
+    if sparse_format:
+        pattern_name = "unstructured" if pattern is None else f"{pattern[0]}:{pattern[1]}"
+        config["quantization_config"] = SparseCheckpointConfig(sparse_format, pattern=pattern_name).to_dict()
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def is_compact(folder: str | os.PathLike) -> bool:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    quant = json.loads(path.read_text()).get("quantization_config") or {}
+    return quant.get("quant_method") == "optimum_recon"
+
+
+def decompress_folder(folder: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``folder`` (a compact sparse checkpoint) to ``output`` as a plain dense checkpoint (every other file
+    copied), one shard at a time, without loading a model; ``output`` follows the same folder rules as a save."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..folders import atomic_directory
+
+    folder = Path(folder).expanduser().resolve()
+    if not is_compact(folder):
+        raise ValueError(f"{str(folder)!r} is not a compact sparse checkpoint (its config.json has no optimum_recon "
+                         "quantization_config): it is dense already.")
+    files, index = _shards(folder)
+    with atomic_directory(output, kind="model", overwrite=overwrite, protect=(folder,)) as tmp:
+        for item in folder.iterdir():
+            if item.is_file() and item.suffix != ".safetensors" and item.name != _INDEX:
+                shutil.copy2(item, tmp / item.name)
+        weight_map, total = {}, 0
+        for file in files:
+            tensors = {}
+            with safe_open(folder / file, framework="pt") as reader:
+                metadata = reader.metadata() or {}
+                names = set(reader.keys())
+                for name in sorted(names):
+                    if name.endswith(MASK_SUFFIX) or name.endswith(META_SUFFIX):
+                        continue
+                    tensor = reader.get_tensor(name)
+                    if name + MASK_SUFFIX in names or name + META_SUFFIX in names:
+                        if name + MASK_SUFFIX not in names or name + META_SUFFIX not in names:
+                            raise ValueError(f"{name}: only part of its compact record is in {file} (corrupted).")
+                        tensor = decode(tensor, reader.get_tensor(name + MASK_SUFFIX),
+                                        reader.get_tensor(name + META_SUFFIX), name=name)
+                    tensors[name] = tensor
+            save_file(tensors, str(tmp / file), metadata={**metadata, "format": "pt"})
+            for name, tensor in tensors.items():
+                weight_map[name] = file
+                total += tensor.numel() * tensor.element_size()
+            del tensors
+        if index is not None:
+            index["weight_map"] = dict(sorted(weight_map.items()))
+            index.setdefault("metadata", {})["total_size"] = total
+            (tmp / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        config = json.loads((tmp / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return Path(output).expanduser().resolve()

@@ -1,0 +1,119 @@
+"""Loading compact sparse checkpoints with a plain ``AutoModelForCausalLM.from_pretrained(folder)``.
+
+transformers' extension point for checkpoint formats is its quantizer registry: a checkpoint whose config.json holds
+``quantization_config = {"quant_method": "optimum_recon", ...}`` is loaded by the quantizer registered under that
+name. Ours registers when `optimum_recon` is imported. It declares the tensors a compact weight is saved as
+(`sparse_format.py`), and one load operation that decodes them into the dense weight while the checkpoint is read, one
+weight at a time, so loading never holds more than one decoded weight beside the model. After loading, the
+quantization config is removed (``dequantize=True``): the model in memory is an ordinary dense model with zeros, and
+its own `save_pretrained` writes a dense checkpoint.
+
+Without optimum-recon imported, transformers does not know the method, warns "Unknown quantization type, got
+optimum_recon" and, because the compact tensors do not have the dense weights' shapes, stops with a size mismatch
+for the first compressed weight: an error, never a model with random weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .sparse_format import FORMAT_VERSION, MASK_SUFFIX, META_SUFFIX, SparseFormatError, decode
+
+QUANT_METHOD = "optimum_recon"
+
+
+def _bases():
+    from transformers.core_model_loading import ConversionOps
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    return ConversionOps, HfQuantizer, QuantizationConfigMixin
+
+
+ConversionOps, HfQuantizer, QuantizationConfigMixin = _bases()
+
+
+class SparseCheckpointConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a compact sparse checkpoint: the format, its version and the sparsity pattern."""
+
+    def __init__(self, sparse_format: str = "bitmask", format_version: int = FORMAT_VERSION,
+                 pattern: str = "unstructured", dequantize: bool = True, **kwargs: Any):
+        self.quant_method = QUANT_METHOD
+        self.sparse_format = sparse_format
+        self.format_version = int(format_version)
+        self.pattern = pattern
+        self.dequantize = True  # always expanded to dense weights on load
+        if self.format_version > FORMAT_VERSION:
+            raise SparseFormatError(
+                f"this checkpoint was written in optimum-recon's sparse format version {self.format_version}; the "
+                f"installed optimum-recon reads version {FORMAT_VERSION} and older. Upgrade: pip install -U "
+                "optimum-recon (or ask for `optimum-recon decompress` output from whoever wrote it).")
+        if sparse_format != "bitmask":
+            raise SparseFormatError(f"unknown sparse format {sparse_format!r} in this checkpoint's config.json; this "
+                                    "optimum-recon writes and reads 'bitmask'. Upgrade: pip install -U optimum-recon.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "sparse_format": self.sparse_format,
+                "format_version": self.format_version, "pattern": self.pattern}
+
+
+class SparseDecompress(ConversionOps):
+    """The load operation: {"weight": values, "weight_sparse_mask": ..., "weight_sparse_meta": ...} -> the dense
+    weight in the model parameter's dtype; a weight stored dense (no mask beside it) passes through."""
+
+    def __init__(self, hf_quantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], source_patterns=None, target_patterns=None,
+                full_layer_name: str | None = None, model=None, **kwargs) -> dict[str, torch.Tensor]:
+        def first(key):
+            value = input_dict[key]
+            return value[0] if isinstance(value, list) else value
+
+        name = full_layer_name or "weight"
+        weight = first("weight")
+        mask_key, meta_key = "weight" + MASK_SUFFIX, "weight" + META_SUFFIX
+        if mask_key in input_dict or meta_key in input_dict:
+            if mask_key not in input_dict or meta_key not in input_dict:
+                raise SparseFormatError(f"{name}: the checkpoint holds only part of its compact record "
+                                        f"({', '.join(sorted(input_dict))}); the file is truncated or corrupted.")
+            weight = decode(weight, first(mask_key), first(meta_key), name=name)
+        dtype = None
+        if model is not None and full_layer_name is not None:
+            try:
+                dtype = model.get_parameter(full_layer_name).dtype
+            except AttributeError:
+                dtype = None
+        return {name: weight if dtype is None else weight.to(dtype)}
+
+
+class SparseCheckpointQuantizer(HfQuantizer):
+    """Reads compact sparse checkpoints (see the module docstring); it quantizes nothing."""
+
+    requires_calibration = True  # only pre-compressed checkpoints: it cannot compress a model while loading
+    serialized_names = {"weight": ["weight", "weight" + MASK_SUFFIX, "weight" + META_SUFFIX]}
+
+    def get_load_operations(self) -> dict:
+        return {"dequantize": SparseDecompress}
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def register() -> bool:
+    """Register the config and the quantizer with transformers (once; importing optimum_recon does it)."""
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
+
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantization_config(QUANT_METHOD)(SparseCheckpointConfig)
+        register_quantizer(QUANT_METHOD)(SparseCheckpointQuantizer)
+    return True

@@ -1,0 +1,193 @@
+"""The compact sparse checkpoint: each pruned weight stored as its kept values plus a packed record of where they go.
+
+Why our own format: in 2026 no maintained sparse checkpoint format is left for the Hugging Face stack
+(compressed-tensors dropped its sparse compressors, vLLM its 2:4 kernels, torchao its sparsity module), and
+safetensors stores dense tensors only. The tensors are plain safetensors; transformers reloads them through its
+quantizer registry (`hub/quantizer.py`), which expands every weight back to the dense tensor it was.
+
+A compressed weight W (rows R, columns C, in the checkpoint's dtype) becomes three tensors beside its name:
+
+- ``weight``: the kept values, 1-D, in W's dtype, in row-major order;
+- ``weight_sparse_mask``: uint8, where they go:
+  - ``bitmask``: one bit per entry of W (1: kept), row-major, least significant bit first. R·C/8 bytes.
+  - ``N:M`` (at most N nonzeros in every M consecutive entries of a row): each group of M stores exactly N values
+    (a group with fewer nonzeros keeps some zeros, so the values are N/M of W), and *which* N of the M positions,
+    as the index of that combination among the C(M, N) possible ones, in ceil(log2 C(M, N)) bits: 3 bits per 4
+    entries for 2:4 (0.75 bit per weight, against 1 for a bitmask: 2:4 in bfloat16 is 0.547 of its dense bytes
+    instead of 0.5625), 7 bits per 8 for 4:8;
+- ``weight_sparse_meta``: int64 [FORMAT_VERSION, kind (0 bitmask, 1 N:M), R, C, N, M, number of values, CRC-32 of
+  the values' and the mask's bytes]. The shape makes every tensor decodable alone; the count and the checksum make
+  a truncated or corrupted tensor an error that names it, never a silently wrong weight.
+
+A weight whose zeros do not pay for their record (fewer than 1/16 of its entries zero in bfloat16) is stored
+dense, unchanged. Encoding and decoding are pure tensor code; a decoded weight is bit-identical to the encoded one.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from functools import lru_cache
+
+import torch
+
+FORMAT_VERSION = 1
+MASK_SUFFIX = "_sparse_mask"
+META_SUFFIX = "_sparse_meta"
+BITMASK, NM = 0, 1
+_KINDS = {BITMASK: "bitmask", NM: "N:M"}
+MAX_GROUP = 16  # N:M with M above this is stored as a bitmask (the combination table has 2**M entries)
+
+
+class SparseFormatError(ValueError):
+    """A compact sparse tensor that cannot be decoded: truncated, corrupted, or from a newer optimum-recon."""
+
+
+# --- bits ------------------------------------------------------------------------------------------------------
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """A flat bool/0-1 tensor -> uint8, 8 bits per byte, least significant first; the last byte is zero-padded."""
+    bits = bits.reshape(-1).to(torch.uint8)
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
+    return (bits.view(-1, 8) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first ``count`` bits of ``pack_bits``' output, as bool."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.view(-1, 1) >> shifts) & 1).reshape(-1)[:count].bool()
+
+
+def _fields_to_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
+    shifts = torch.arange(width, dtype=torch.int64, device=codes.device)
+    return (codes.view(-1, 1) >> shifts) & 1
+
+
+def _bits_to_fields(bits: torch.Tensor, width: int) -> torch.Tensor:
+    shifts = torch.arange(width, dtype=torch.int64, device=bits.device)
+    return (bits.view(-1, width).long() << shifts).sum(1)
+
+
+# --- N:M combinations ---------------------------------------------------------------------------------------
+
+def code_bits(n: int, m: int) -> int:
+    """Bits that name one choice of n positions out of m."""
+    return max(1, math.ceil(math.log2(math.comb(m, n))))
+
+
+@lru_cache(maxsize=None)
+def _combinations(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patterns, index): the C(m, n) m-bit patterns with n ones in increasing order, and the inverse table from a
+    pattern (0 .. 2**m - 1) to its position in that list (-1 for patterns without exactly n ones)."""
+    values = torch.arange(2**m, dtype=torch.int64)
+    ones = _fields_to_bits(values, m).sum(1)
+    patterns = values[ones == n]
+    index = torch.full((2**m,), -1, dtype=torch.int64)
+    index[patterns] = torch.arange(patterns.numel())
+    return patterns, index
+
+
+def _nm_positions(weight: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
+    """(R, C/m, m) bool: n positions per group that hold every nonzero (the first zeros fill a group with fewer),
+    or None when some group has more than n nonzeros."""
+    groups = weight.reshape(weight.shape[0], -1, m) != 0
+    if int(groups.sum(-1).max()) > n:
+        return None
+    # rank: nonzeros first, then the leftmost zeros; keep the n best
+    order = torch.arange(m, 0, -1, device=weight.device)
+    score = groups.long() * (m + 1) + order
+    keep = torch.zeros_like(groups)
+    keep.scatter_(-1, score.topk(n, dim=-1).indices, True)
+    return keep
+
+
+# --- encode / decode ----------------------------------------------------------------------------------------
+
+def _checksum(values: torch.Tensor, mask: torch.Tensor) -> int:
+    crc = zlib.crc32(values.contiguous().view(torch.uint8).numpy().tobytes())
+    return zlib.crc32(mask.numpy().tobytes(), crc)
+
+
+def worth_compressing(weight: torch.Tensor) -> bool:
+    """Whether storing ``weight`` compact saves bytes: its zeros outweigh a one-bit mask."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        return False
+    zeros = int((weight == 0).sum())
+    return zeros * weight.element_size() * 8 > weight.numel()
+
+
+def encode(weight: torch.Tensor, pattern: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """``weight`` (R, C) -> {"values", "mask", "meta"}: N:M codes when ``pattern`` = (n, m) holds for every group of
+    the weight (and m <= MAX_GROUP, C divisible by m), a bitmask otherwise."""
+    weight = weight.detach().cpu().contiguous()
+    rows, cols = weight.shape
+    keep = None
+    if pattern is not None:
+        n, m = pattern
+        if m <= MAX_GROUP and cols % m == 0:
+            keep = _nm_positions(weight, n, m)
+    if keep is not None:
+        kind = NM
+        group_pattern = (keep.long() << torch.arange(m)).sum(-1).reshape(-1)  # (G,) the m-bit pattern of each group
+        codes = _combinations(n, m)[1][group_pattern]
+        mask = pack_bits(_fields_to_bits(codes, code_bits(n, m)))
+        values = weight.reshape(rows, -1, m)[keep].reshape(-1)
+    else:
+        kind, n, m = BITMASK, 0, 0
+        keep = weight != 0
+        mask = pack_bits(keep)
+        values = weight[keep]
+    meta = torch.tensor([FORMAT_VERSION, kind, rows, cols, n, m, values.numel(), _checksum(values, mask)],
+                        dtype=torch.int64)
+    return {"values": values, "mask": mask, "meta": meta}
+
+
+def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """The dense weight that `encode` compressed; `SparseFormatError` naming ``name`` when the tensors do not fit
+    together (truncated, corrupted, or written by a newer format version)."""
+    meta = meta.reshape(-1).tolist()
+    if len(meta) < 2:
+        raise SparseFormatError(f"{name}: its sparse record is truncated ({len(meta)} of 8 fields).")
+    version = int(meta[0])
+    if version > FORMAT_VERSION:
+        raise SparseFormatError(f"{name} was written in sparse format version {version}; this optimum-recon reads "
+                                f"version {FORMAT_VERSION} and older. Upgrade: pip install -U optimum-recon.")
+    if len(meta) != 8:
+        raise SparseFormatError(f"{name}: its sparse record has {len(meta)} fields instead of 8 (corrupted).")
+    _, kind, rows, cols, n, m, count, crc = (int(v) for v in meta)
+    if kind not in _KINDS or rows < 0 or cols < 0:
+        raise SparseFormatError(f"{name}: unknown sparse encoding {kind} or shape ({rows}, {cols}) (corrupted).")
+    values, mask = values.reshape(-1).cpu(), mask.reshape(-1).cpu()
+    if values.numel() != count:
+        raise SparseFormatError(f"{name}: {values.numel()} stored values where its record says {count} "
+                                "(truncated or corrupted file).")
+    if mask.dtype != torch.uint8 or _checksum(values, mask) != crc:
+        raise SparseFormatError(f"{name}: the checksum of its values and mask does not match (corrupted file).")
+    dense = values.new_zeros(rows * cols)
+    if kind == BITMASK:
+        expected = (rows * cols + 7) // 8
+        if mask.numel() != expected:
+            raise SparseFormatError(f"{name}: its mask has {mask.numel()} bytes, {expected} expected (corrupted).")
+        keep = unpack_bits(mask, rows * cols)
+        if int(keep.sum()) != count:
+            raise SparseFormatError(f"{name}: its mask keeps {int(keep.sum())} entries for {count} values.")
+        dense[keep] = values
+        return dense.view(rows, cols)
+    if not (0 < n <= m <= MAX_GROUP) or cols % m:
+        raise SparseFormatError(f"{name}: pattern {n}:{m} does not fit {cols} columns (corrupted).")
+    groups = rows * cols // m
+    width = code_bits(n, m)
+    expected = (groups * width + 7) // 8
+    if mask.numel() != expected or count != groups * n:
+        raise SparseFormatError(f"{name}: {mask.numel()} mask bytes and {count} values do not fit {groups} groups "
+                                f"of {n}:{m} (corrupted).")
+    codes = _bits_to_fields(unpack_bits(mask, groups * width), width)
+    patterns = _combinations(n, m)[0]
+    if codes.numel() and int(codes.max()) >= patterns.numel():
+        raise SparseFormatError(f"{name}: a group code is out of range for {n}:{m} (corrupted).")
+    keep = _fields_to_bits(patterns[codes], m).bool()  # (G, m)
+    dense.view(groups, m)[keep] = values
+    return dense.view(rows, cols)
