@@ -260,9 +260,9 @@ pip install optimum-recon
 
 ## Limitations
 
-- Unstructured sparsity does not make inference faster or the files smaller with dense kernels: the zeros
-  are stored and multiplied like any other weight. N:M (2:4) sparsity can be accelerated only by kernels and
-  hardware that support it.
+- Sparsity does not make inference faster with dense kernels: once loaded, the zeros are multiplied like any other
+  weight (the compact sparse format makes the files smaller, not the model in memory). N:M (2:4) sparsity can be
+  accelerated only by kernels and hardware that support it.
 - Pruning costs quality: compare the perplexities above, and evaluate on your own task before use.
 - Minimizing the reconstruction error on a small calibration set can overfit it; the held-out error (when
   reported) shows how well the reconstruction generalizes.

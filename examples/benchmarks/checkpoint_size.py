@@ -1,0 +1,187 @@
+"""Benchmark: what a pruned checkpoint costs on disk and to load, dense with zeros against the compact sparse format.
+
+For each model (the bundled SmolLM2-135M-Instruct, and a randomly initialised ~1.2B-parameter Llama built from a
+config as in the offload benchmark), in bfloat16:
+  * the dense checkpoint (no pruning) as the reference;
+  * for 50% unstructured, 2:4, 60% and 70%: the model pruned by magnitude (LR: the format does not depend on how the
+    masks were chosen, and magnitude needs no calibration data worth the name), saved dense with zeros and compact
+    (`sparse_format="bitmask"`).
+Reported: bytes of the pruned linear layers (compact / dense: the goals are <= 0.57 at 50% unstructured, <= 0.56 at
+2:4), size of the whole folder, save time, and, each in a fresh process, load time, peak RSS after loading and after
+generating 64 tokens (greedy), decode tokens/s, and a hash of the loaded weights and of the logits (dense with zeros
+and compact must agree bit for bit). Timings: compare ratios within one run.
+
+    python examples/benchmarks/checkpoint_size.py [--models bundled,big] [--work-dir /tmp/optimum-recon-size]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import HERE, run_metadata, write_results
+
+SETTINGS = {"50%": dict(sparsity=0.5), "2:4": dict(pattern="2:4"), "60%": dict(sparsity=0.6),
+            "70%": dict(sparsity=0.7)}
+BIG = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=21, num_attention_heads=16,
+           num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+            max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _weights_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def measure_load(folder: str) -> dict:
+    """Run in a fresh process: load, hash, generate; print JSON."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import optimum_recon  # noqa: F401  (registers the compact format's reader)
+
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    load = time.perf_counter() - start
+    rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    ids = torch.arange(1, 33).view(1, 32) % model.config.vocab_size
+    with torch.no_grad():
+        logits = model(ids).logits
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        gen = time.perf_counter() - start
+    return {"load_s": load, "rss_load_mib": rss_load,
+            "rss_generate_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "tokens_per_s": (out.shape[1] - ids.shape[1]) / gen, "weights_sha256": digest.hexdigest(),
+            "logits_sha256": hashlib.sha256(logits.float().numpy().tobytes()).hexdigest(),
+            "dtype": str(model.dtype).removeprefix("torch.")}
+
+
+def _load_in_subprocess(folder: Path) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--measure-load", str(folder)], capture_output=True,
+                            text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"loading {folder} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _source(name: str, args) -> Path:
+    """The model as a bfloat16 checkpoint folder (built once)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from optimum_recon.modeling.loading import resolve_model_path
+
+    path = Path(args.work_dir) / f"{name}-bf16"
+    if (path / "config.json").is_file():
+        return path
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(None))
+    if name == "bundled":
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(None), dtype=torch.float32)
+    else:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **(TINY if args.tiny else BIG)))
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(path)
+    return path
+
+
+def run_model(name: str, args) -> list[dict]:
+    import torch
+
+    from optimum_recon import CalibrationSet, PruningConfig, ReconPruner, Runtime, prune_model
+
+    source = _source(name, args)
+    rows = [{"model": name, "setting": "dense", "format": "dense", "folder_bytes": _size(source),
+             "weights_bytes": _weights_size(source), **_load_in_subprocess(source)}]
+    print(rows[-1], flush=True)
+    for setting, options in SETTINGS.items():
+        pruner = ReconPruner.from_pretrained(str(source), PruningConfig(method="magnitude", reconstruction="layer",
+                                                                        **options), read_calibration=False)
+        torch.manual_seed(0)
+        ids = torch.randint(0, pruner.model.config.vocab_size, (2, 32))
+        pruner.report = prune_model(pruner.model, pruner.config, CalibrationSet(ids), Runtime(progress=False))
+        for form in ("dense", "bitmask"):
+            out = Path(args.work_dir) / f"{name}-{setting.replace(':', '-')}-{form}"
+            shutil.rmtree(out, ignore_errors=True)
+            start = time.perf_counter()
+            pruner.save_pretrained(out, sparse_format=None if form == "dense" else form)
+            row = {"model": name, "setting": setting, "format": form, "save_s": time.perf_counter() - start,
+                   "folder_bytes": _size(out), "weights_bytes": _weights_size(out),
+                   "sparsity": pruner.report.model_sparsity, **_load_in_subprocess(out)}
+            if form == "bitmask":
+                saved = pruner.report.saved
+                row.update(linear_dense_bytes=saved["compressed_dense"], linear_bytes=saved["compressed"],
+                           linear_ratio=saved["compressed"] / saved["compressed_dense"])
+            rows.append(row)
+            print({k: v for k, v in row.items() if "sha" not in k}, flush=True)
+        del pruner
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | pruned | format | pruned linear layers (compact / dense) | folder (MB) | folder vs dense bf16 "
+             "| save (s) | load (s) | load vs dense-with-zeros | peak RSS load / generate (MiB) | decode tok/s "
+             "| same weights and logits |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    dense = {r["model"]: r for r in rows if r["setting"] == "dense"}
+    zeros = {(r["model"], r["setting"]): r for r in rows if r["format"] == "dense" and r["setting"] != "dense"}
+    for r in rows:
+        base = zeros.get((r["model"], r["setting"]))
+        same = "–" if r["format"] != "bitmask" else (
+            "yes" if (r["weights_sha256"], r["logits_sha256"]) == (base["weights_sha256"], base["logits_sha256"])
+            else "**NO**")
+        lines.append(
+            f"| {r['model']} | {r['setting'] if r['setting'] != 'dense' else '– (dense)'} | {r['format']} | "
+            f"{r['linear_ratio']:.4f} | " if "linear_ratio" in r else
+            f"| {r['model']} | {r['setting'] if r['setting'] != 'dense' else '– (dense)'} | {r['format']} | – | ")
+        lines[-1] += (
+            f"{r['folder_bytes'] / 1e6:,.1f} | {r['folder_bytes'] / dense[r['model']]['folder_bytes']:.3f} | "
+            f"{r.get('save_s', float('nan')):.1f} | {r['load_s']:.2f} | "
+            f"{r['load_s'] / base['load_s'] if base and r['format'] == 'bitmask' else float('nan'):.2f} | "
+            f"{r['rss_load_mib']:,.0f} / {r['rss_generate_mib']:,.0f} | {r['tokens_per_s']:.1f} | {same} |")
+    return "\n".join(lines).replace("| nan |", "| – |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="bundled,big")
+    parser.add_argument("--work-dir", default="/tmp/optimum-recon-size")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model instead of the ~1.2B one (a smoke "
+                        "test of this script)")
+    parser.add_argument("--output", default=str(HERE / "results" / "checkpoint_size.json"))
+    parser.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_load:
+        print(json.dumps(measure_load(args.measure_load)))
+        return
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    results = {**run_metadata(), "rows": []}
+    for name in args.models.split(","):
+        results["rows"] += run_model(name, args)
+        write_results(args.output, results)
+    print(table(results["rows"]))
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
