@@ -24,6 +24,8 @@ CONFIG_NAME = "pruning_config.json"
 # Short names accepted by `CalibrationConfig.source` and the evaluation helpers.
 KNOWN_DATASETS = ("c4", "wikitext2", "ptb")
 PROPAGATIONS = ("global", "local")
+# Settings whose default changed when they were added, and how a recipe written before that ran.
+_BEFORE_IT_EXISTED = {"guard": False, "loss": "mse"}
 # The default number of held-out windows: a quarter of the calibration windows, within these bounds. Fewer than 8
 # make the per-epoch held-out error too noisy to judge an epoch by; more than 32 cost more than they tell.
 MIN_AUTO_HELDOUT, MAX_AUTO_HELDOUT = 8, 32
@@ -197,9 +199,9 @@ class PruningConfig:
             after `patience` epochs without improvement, and keep the masked-only weights when training never
             beats them. Default (None): on whenever there are held-out windows; true needs them.
         patience: BR/CR with the guard: epochs without a better held-out error before training stops.
-        loss: BR/CR: what training minimizes and the guard judges: `mse` (the paper's mean squared error over all
-            entries) or `relative` (each token's squared error divided by its target's squared norm, averaged over
-            tokens, so that the few tokens with massive activations do not outweigh all the others).
+        loss: BR/CR: what training minimizes and the guard judges: `relative` (default: each token's squared error
+            divided by its target's squared norm, averaged over tokens, so that the few tokens with massive
+            activations do not outweigh all the others) or `mse` (the paper's mean squared error over all entries).
         batch_size: Calibration windows per training step and per forward pass.
         adam_betas: BR/CR: AdamW betas.
         weight_decay: BR/CR: AdamW weight decay (0 keeps pruned weights trivially fixed).
@@ -230,7 +232,7 @@ class PruningConfig:
     lr: float | str = "auto"
     guard: bool | None = None
     patience: int = 2
-    loss: str = "mse"
+    loss: str = "relative"
     batch_size: int = 8
     adam_betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
@@ -356,6 +358,10 @@ class PruningConfig:
             warnings.warn(f"{where} was written by optimum-recon {version}, newer than this {__version__}: "
                           "settings it added are ignored and the result may differ; upgrade optimum-recon.",
                           stacklevel=2)
+        # a recipe written by optimum-recon holds every setting of the version that wrote it: one it lacks predates
+        # that setting, and its run behaved as the value below says, not as today's default
+        for key, before in _BEFORE_IT_EXISTED.items() if version is not None else ():
+            data.setdefault(key, before)
         calibration = data.pop("calibration", {}) or {}
         if not isinstance(calibration, dict):
             raise ValueError(f"{where}: 'calibration' must be an object of settings, not {calibration!r}.")

@@ -86,3 +86,13 @@ def test_the_losses_differ_in_what_they_train_toward(calib_ids):
 def test_a_bad_loss_lists_the_valid_ones():
     with pytest.raises(ValueError, match="'mse', 'relative'"):
         PruningConfig(loss="l1")
+
+
+def test_the_default_is_relative_and_a_recipe_written_before_the_setting_keeps_mse():
+    assert PruningConfig().loss == "relative"
+    old = PruningConfig().to_dict()
+    del old["loss"], old["guard"]  # a pruning_config.json written before these settings existed
+    recipe = PruningConfig.from_dict(old)
+    assert recipe.loss == "mse" and recipe.guard is False
+    by_hand = {"sparsity": 0.5}  # not written by optimum-recon: today's defaults
+    assert PruningConfig.from_dict(by_hand).loss == "relative"

@@ -67,8 +67,9 @@ def _fields_to_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _bits_to_fields(bits: torch.Tensor, width: int) -> torch.Tensor:
-    shifts = torch.arange(width, dtype=torch.int64, device=bits.device)
-    return (bits.view(-1, width).long() << shifts).sum(1)
+    # int32 arithmetic (width <= 14): a quarter of int64's memory traffic on the load path
+    weights = torch.tensor([1 << i for i in range(width)], dtype=torch.int32, device=bits.device)
+    return (bits.view(-1, width).to(torch.int32) * weights).sum(1, dtype=torch.int32)
 
 
 # --- N:M combinations ---------------------------------------------------------------------------------------
@@ -80,14 +81,15 @@ def code_bits(n: int, m: int) -> int:
 
 @lru_cache(maxsize=None)
 def _combinations(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(patterns, index): the C(m, n) m-bit patterns with n ones in increasing order, and the inverse table from a
-    pattern (0 .. 2**m - 1) to its position in that list (-1 for patterns without exactly n ones)."""
+    """(positions, index): the C(m, n) choices of n positions out of m as rows of an (C(m, n), m) bool table, in
+    increasing order of their m-bit pattern, and the inverse table from a pattern (0 .. 2**m - 1) to its row (-1
+    for patterns without exactly n ones)."""
     values = torch.arange(2**m, dtype=torch.int64)
-    ones = _fields_to_bits(values, m).sum(1)
-    patterns = values[ones == n]
+    bits = _fields_to_bits(values, m)
+    patterns = values[bits.sum(1) == n]
     index = torch.full((2**m,), -1, dtype=torch.int64)
     index[patterns] = torch.arange(patterns.numel())
-    return patterns, index
+    return bits[patterns].bool(), index
 
 
 def _nm_positions(weight: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
@@ -174,7 +176,7 @@ def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: s
         keep = unpack_bits(mask, rows * cols)
         if int(keep.sum()) != count:
             raise SparseFormatError(f"{name}: its mask keeps {int(keep.sum())} entries for {count} values.")
-        dense[keep] = values
+        dense.masked_scatter_(keep, values)
         return dense.view(rows, cols)
     if not (0 < n <= m <= MAX_GROUP) or cols % m:
         raise SparseFormatError(f"{name}: pattern {n}:{m} does not fit {cols} columns (corrupted).")
@@ -185,9 +187,8 @@ def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: s
         raise SparseFormatError(f"{name}: {mask.numel()} mask bytes and {count} values do not fit {groups} groups "
                                 f"of {n}:{m} (corrupted).")
     codes = _bits_to_fields(unpack_bits(mask, groups * width), width)
-    patterns = _combinations(n, m)[0]
-    if codes.numel() and int(codes.max()) >= patterns.numel():
+    positions = _combinations(n, m)[0]
+    if codes.numel() and int(codes.max()) >= positions.shape[0]:
         raise SparseFormatError(f"{name}: a group code is out of range for {n}:{m} (corrupted).")
-    keep = _fields_to_bits(patterns[codes], m).bool()  # (G, m)
-    dense.view(groups, m)[keep] = values
+    dense.view(groups, m).masked_scatter_(positions[codes], values)  # (G, m) bool: where each group's values go
     return dense.view(rows, cols)

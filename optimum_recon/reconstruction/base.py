@@ -56,7 +56,8 @@ class WindowTask:
 # hidden state has a squared norm 3e4 times the median token's from block 12 to 28, so 95-98% of the MSE there is
 # one token per window. Every layer reads the residual stream through a norm that divides each token by its own
 # RMS, and perplexity averages over tokens, so the error that matters is each token's error relative to its own
-# size, with every token counting once.
+# size, with every token counting once. Measured there (SparseGPT 50%, 64 x 512 C4 windows, docs/benchmarks.md):
+# WikiText-2 40.43 against 40.79 with MSE, and even the held-out MSE is lower (119.1 against 121.1).
 LOSSES = ("mse", "relative")
 
 

@@ -6,8 +6,9 @@ falls 21% below 2e-3's while the held-out error rises 74% and perplexity gets wo
 best fixed rate differs from model to model. So every window's training is judged on H held-out windows, drawn
 from documents no calibration window comes from and never trained on.
 
-Notation: E_k is the window's held-out error (MSE of its output against its target) after epoch k, E_0 that of
-the weights it starts training with (for BR: masked only). The guard measures E_k after every epoch, keeps a
+Notation: E_k is the window's held-out error (its output against its target, measured as the training loss
+``config.loss`` measures it) after epoch k, E_0 that of the weights it starts training with (for BR: masked only).
+The guard measures E_k after every epoch, keeps a
 copy of the weights of the best epoch so far, stops after ``patience`` epochs without a better one, and restores
 the best at the end; since E_0 is a candidate, a window never ends with a held-out error above the one it
 started with (when no epoch beats E_0 the masked-only weights are kept: "reverted").
