@@ -61,6 +61,9 @@ def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
     return ((packed.view(-1, 1) >> shifts) & 1).reshape(-1)[:count].bool()
 
 
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)  # ones in each byte value
+
+
 def _fields_to_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
     shifts = torch.arange(width, dtype=torch.int64, device=codes.device)
     return (codes.view(-1, 1) >> shifts) & 1
@@ -173,9 +176,10 @@ def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: s
         expected = (rows * cols + 7) // 8
         if mask.numel() != expected:
             raise SparseFormatError(f"{name}: its mask has {mask.numel()} bytes, {expected} expected (corrupted).")
+        kept = int(_POPCOUNT[mask.int()].sum(dtype=torch.int64))  # on the packed bytes: 8x less than a bool sum
+        if kept != count:
+            raise SparseFormatError(f"{name}: its mask keeps {kept} entries for {count} values.")
         keep = unpack_bits(mask, rows * cols)
-        if int(keep.sum()) != count:
-            raise SparseFormatError(f"{name}: its mask keeps {int(keep.sum())} entries for {count} values.")
         dense.masked_scatter_(keep, values)
         return dense.view(rows, cols)
     if not (0 < n <= m <= MAX_GROUP) or cols % m:
