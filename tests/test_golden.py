@@ -25,8 +25,9 @@ from optimum_recon import CalibrationSet, PruningConfig, prune_model  # noqa: E4
 
 GOLDEN = Path(__file__).resolve().parent / "golden_prunes.json"
 
-# The recipes recorded before the guard and lr="auto" (their defaults then: lr 2e-4, unguarded), and the defaults now.
-_BEFORE = dict(lr=2e-4, guard=False)
+# The recipes recorded before the guard, lr="auto" and the relative loss (their defaults then: lr 2e-4, unguarded,
+# MSE), and the defaults now.
+_BEFORE = dict(lr=2e-4, guard=False, loss="mse")
 RECIPES = {
     "llama-sparsegpt-LR": ("llama", dict(method="sparsegpt", reconstruction="layer")),
     "llama-wanda-2:4-BR": ("llama", dict(method="wanda", pattern="2:4", reconstruction="block", epochs=2,
