@@ -65,7 +65,7 @@ def test_the_relative_loss_trains_and_is_what_the_guard_judges(calib_ids):
         assert block.heldout_error_relative == pytest.approx(curve[block.training["epoch_kept"]], rel=1e-5)
         assert block.heldout_error_relative <= block.heldout_error_before_relative * (1 + 1e-6)
         assert block.error_relative < block.error_before_relative  # training cut the calibration error it minimizes
-    mse = prune_model(make_tiny_model("llama"), PruningConfig(method="magnitude", epochs=3, batch_size=4),
+    mse = prune_model(make_tiny_model("llama"), PruningConfig(method="magnitude", epochs=3, batch_size=4, loss="mse"),
                       calibration, QUIET)
     assert mse.blocks[0].training["heldout_per_epoch"][0] == pytest.approx(mse.blocks[0].heldout_error_before,
                                                                           rel=1e-5)
