@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .sparse_format import MASK_SUFFIX, META_SUFFIX, decode, encode, worth_compressing
+from .sparse_format import MASK_SUFFIX, META_SUFFIX, decode_stored, encode, worth_compressing
 
 SPARSE_FORMATS = ("bitmask",)
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,6 +54,41 @@ def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.masked_fill(out == 0, 0)  # -0.0 -> 0.0
 
 
+def _write_shards(source: Path, target: Path, convert) -> None:
+    """Rewrite every safetensors shard of ``source`` into ``target`` (the same folder or another), one shard in memory
+    at a time: ``convert(name, reader, names)`` returns the tensors to store for a tensor name, or {} to drop it; the
+    shard index, when there is one, is rewritten to match."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    files, index = _shards(source)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for file in files:
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(source / file, framework="pt") as reader:
+            metadata = reader.metadata() or {}
+            names = set(reader.keys())
+            for name in sorted(names):
+                tensors.update(convert(name, reader, names))
+        save_file(tensors, str(target / file), metadata={**metadata, "format": "pt"})
+        for name, tensor in tensors.items():
+            weight_map[name] = file
+            total += tensor.numel() * tensor.element_size()
+        del tensors
+    if index is not None:
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        index.setdefault("metadata", {})["total_size"] = total
+        (target / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _edit_config(folder: Path, edit) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def rewrite_weights(folder: str | os.PathLike, dtype: str, sparse_format: str | None = None,
                     pattern: tuple[int, int] | None = None) -> dict[str, int]:
     """Rewrite the safetensors files of the model saved in ``folder``: cast to ``dtype``, compress with
@@ -64,60 +99,37 @@ def rewrite_weights(folder: str | os.PathLike, dtype: str, sparse_format: str | 
     Raises:
         ValueError: ``sparse_format`` given but no weight has zeros enough to be stored compact.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    from .quantizer import SparseCheckpointConfig
 
     folder = Path(folder)
     target = SAVE_DTYPES[dtype]
-    files, index = _shards(folder)
     stats = {"compressed_dense": 0, "compressed": 0, "compressed_tensors": 0}
-    weight_map: dict[str, str] = {}
-    total = 0
-    for file in files:
-        path = folder / file
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(path, framework="pt") as reader:
-            metadata = reader.metadata() or {}
-            for name in reader.keys():
-                tensor = _cast(name, reader.get_tensor(name), target)
-                if sparse_format and name.endswith(".weight") and worth_compressing(tensor):
-                    parts = encode(tensor, pattern)
-                    tensors[name] = parts["values"]
-                    tensors[name + MASK_SUFFIX] = parts["mask"]
-                    tensors[name + META_SUFFIX] = parts["meta"]
-                    stats["compressed_dense"] += tensor.numel() * tensor.element_size()
-                    stats["compressed"] += sum(t.numel() * t.element_size() for t in parts.values())
-                    stats["compressed_tensors"] += 1
-                else:
-                    tensors[name] = tensor
-        save_file(tensors, str(path), metadata={**metadata, "format": "pt"})
-        for name, tensor in tensors.items():
-            weight_map[name] = file
-            total += tensor.numel() * tensor.element_size()
-        del tensors
+
+    def convert(name, reader, names):
+        tensor = _cast(name, reader.get_tensor(name), target)
+        if not (sparse_format and name.endswith(".weight") and worth_compressing(tensor)):
+            return {name: tensor}
+        parts = encode(tensor, pattern)
+        stats["compressed_dense"] += tensor.numel() * tensor.element_size()
+        stats["compressed"] += sum(t.numel() * t.element_size() for t in parts.values())
+        stats["compressed_tensors"] += 1
+        return {name: parts["values"], name + MASK_SUFFIX: parts["mask"], name + META_SUFFIX: parts["meta"]}
+
+    _write_shards(folder, folder, convert)
     if sparse_format and stats["compressed_tensors"] == 0:
         raise ValueError(f"sparse_format={sparse_format!r}: no weight of this model has zeros enough to be stored "
                          "compact (at least one bit per entry must be saved), so the folder would be the dense save. "
                          "Prune first, or save without sparse_format.")
-    if index is not None:
-        index["weight_map"] = dict(sorted(weight_map.items()))
-        index.setdefault("metadata", {})["total_size"] = total
-        (folder / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    _update_config(folder, dtype, sparse_format, pattern)
+
+    def edit(config):
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)
+        if sparse_format:
+            pattern_name = "unstructured" if pattern is None else f"{pattern[0]}:{pattern[1]}"
+            config["quantization_config"] = SparseCheckpointConfig(sparse_format, pattern=pattern_name).to_dict()
+
+    _edit_config(folder, edit)
     return stats
-
-
-def _update_config(folder: Path, dtype: str, sparse_format: str | None, pattern: tuple[int, int] | None) -> None:
-    from .quantizer import SparseCheckpointConfig
-
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    config["dtype"] = dtype
-    config.pop("torch_dtype", None)
-    if sparse_format:
-        pattern_name = "unstructured" if pattern is None else f"{pattern[0]}:{pattern[1]}"
-        config["quantization_config"] = SparseCheckpointConfig(sparse_format, pattern=pattern_name).to_dict()
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def is_compact(folder: str | os.PathLike) -> bool:
@@ -131,46 +143,26 @@ def is_compact(folder: str | os.PathLike) -> bool:
 def decompress_folder(folder: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``folder`` (a compact sparse checkpoint) to ``output`` as a plain dense checkpoint (every other file
     copied), one shard at a time, without loading a model; ``output`` follows the same folder rules as a save."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from ..folders import atomic_directory
 
     folder = Path(folder).expanduser().resolve()
     if not is_compact(folder):
         raise ValueError(f"{str(folder)!r} is not a compact sparse checkpoint (its config.json has no optimum_recon "
                          "quantization_config): it is dense already.")
-    files, index = _shards(folder)
     with atomic_directory(output, kind="model", overwrite=overwrite, protect=(folder,)) as tmp:
         for item in folder.iterdir():
             if item.is_file() and item.suffix != ".safetensors" and item.name != _INDEX:
                 shutil.copy2(item, tmp / item.name)
-        weight_map, total = {}, 0
-        for file in files:
-            tensors = {}
-            with safe_open(folder / file, framework="pt") as reader:
-                metadata = reader.metadata() or {}
-                names = set(reader.keys())
-                for name in sorted(names):
-                    if name.endswith(MASK_SUFFIX) or name.endswith(META_SUFFIX):
-                        continue
-                    tensor = reader.get_tensor(name)
-                    if name + MASK_SUFFIX in names or name + META_SUFFIX in names:
-                        if name + MASK_SUFFIX not in names or name + META_SUFFIX not in names:
-                            raise ValueError(f"{name}: only part of its compact record is in {file} (corrupted).")
-                        tensor = decode(tensor, reader.get_tensor(name + MASK_SUFFIX),
-                                        reader.get_tensor(name + META_SUFFIX), name=name)
-                    tensors[name] = tensor
-            save_file(tensors, str(tmp / file), metadata={**metadata, "format": "pt"})
-            for name, tensor in tensors.items():
-                weight_map[name] = file
-                total += tensor.numel() * tensor.element_size()
-            del tensors
-        if index is not None:
-            index["weight_map"] = dict(sorted(weight_map.items()))
-            index.setdefault("metadata", {})["total_size"] = total
-            (tmp / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        config = json.loads((tmp / "config.json").read_text())
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+        def convert(name, reader, names):
+            if name.endswith(MASK_SUFFIX) or name.endswith(META_SUFFIX):
+                return {}  # read with their weight
+
+            def part(suffix):
+                return reader.get_tensor(name + suffix) if name + suffix in names else None
+
+            return {name: decode_stored(name, reader.get_tensor(name), part(MASK_SUFFIX), part(META_SUFFIX))}
+
+        _write_shards(folder, tmp, convert)
+        _edit_config(tmp, lambda config: config.pop("quantization_config", None))
     return Path(output).expanduser().resolve()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .sparse_format import FORMAT_VERSION, MASK_SUFFIX, META_SUFFIX, SparseFormatError, decode
+from .sparse_format import FORMAT_VERSION, MASK_SUFFIX, META_SUFFIX, SparseFormatError, decode_stored
 
 QUANT_METHOD = "optimum_recon"
 
@@ -69,17 +69,11 @@ class SparseDecompress(ConversionOps):
     def convert(self, input_dict: dict[str, Any], source_patterns=None, target_patterns=None,
                 full_layer_name: str | None = None, model=None, **kwargs) -> dict[str, torch.Tensor]:
         def first(key):
-            value = input_dict[key]
+            value = input_dict.get(key)
             return value[0] if isinstance(value, list) else value
 
         name = full_layer_name or "weight"
-        weight = first("weight")
-        mask_key, meta_key = "weight" + MASK_SUFFIX, "weight" + META_SUFFIX
-        if mask_key in input_dict or meta_key in input_dict:
-            if mask_key not in input_dict or meta_key not in input_dict:
-                raise SparseFormatError(f"{name}: the checkpoint holds only part of its compact record "
-                                        f"({', '.join(sorted(input_dict))}); the file is truncated or corrupted.")
-            weight = decode(weight, first(mask_key), first(meta_key), name=name)
+        weight = decode_stored(name, first("weight"), first("weight" + MASK_SUFFIX), first("weight" + META_SUFFIX))
         dtype = None
         if model is not None and full_layer_name is not None:
             try:

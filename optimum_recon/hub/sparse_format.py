@@ -196,3 +196,16 @@ def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: s
         raise SparseFormatError(f"{name}: a group code is out of range for {n}:{m} (corrupted).")
     dense.view(groups, m).masked_scatter_(positions[codes], values)  # (G, m) bool: where each group's values go
     return dense.view(rows, cols)
+
+
+def decode_stored(name: str, weight: torch.Tensor, mask: torch.Tensor | None, meta: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """A tensor as a checkpoint stores it: ``weight`` itself when it has no compact record beside it, else decoded;
+    a record found only in part is an error naming the tensor."""
+    if mask is None and meta is None:
+        return weight
+    if mask is None or meta is None:
+        raise SparseFormatError(f"{name}: the checkpoint holds only part of its compact record (the "
+                                f"{'mask' if mask is None else 'meta'} tensor is missing); the file is truncated or "
+                                "corrupted.")
+    return decode(weight, mask, meta, name=name)
