@@ -203,3 +203,18 @@ def test_cli_saves_compact_and_decompresses(tmp_path, tiny_model_dir, text_file,
         assert not any(k.endswith(MASK_SUFFIX) for k in reader.keys())
     with pytest.raises(ValueError, match="not a compact sparse checkpoint"):
         compact.decompress_folder(dense, tmp_path / "again")
+
+
+def test_decompress_never_writes_into_the_input_or_a_users_folder(tmp_path):
+    from optimum_recon import OutputFolderError
+
+    _pruned().save_pretrained(tmp_path / "c", sparse_format="bitmask")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()}
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    for target in (tmp_path / "c", user, tmp_path):
+        with pytest.raises(OutputFolderError):
+            compact.decompress_folder(tmp_path / "c", target)
+    assert (user / "notes.txt").read_text() == "keep me"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()} == before
