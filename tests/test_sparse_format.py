@@ -140,3 +140,35 @@ def test_a_format_version_from_the_future_says_to_upgrade():
     meta[0] = FORMAT_VERSION + 1
     with pytest.raises(SparseFormatError, match="pip install -U optimum-recon"):
         decode(parts["values"], parts["mask"], meta, name="w")
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Decode in chunks of 64 entries on 2 threads, so that small weights take the parallel path."""
+    from optimum_recon.hub import sparse_format
+
+    monkeypatch.setattr(sparse_format, "_CHUNK", 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4), (4, 8), (8, 16)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decoding_in_parallel_chunks_is_bit_identical(small_chunks, pattern, dtype):
+    # 13 x 48 entries: 10 chunks of 64 with a short last one (and for N:M a last chunk of fewer groups)
+    w = _nm(dtype, *pattern, rows=13, cols=48) if pattern else _unstructured(dtype, rows=13, cols=48)
+    parts = encode(w, pattern)
+    assert int(parts["meta"][1]) == (NM if pattern else BITMASK)
+    assert torch.equal(_bits(decode(parts["values"], parts["mask"], parts["meta"])), _bits(w))
+
+
+def test_a_bad_group_code_in_a_later_chunk_is_an_error(small_chunks):
+    from optimum_recon.hub.sparse_format import _checksum
+
+    parts = {k: v.clone() for k, v in encode(_nm(torch.float32, 2, 4, rows=13, cols=48), (2, 4)).items()}
+    parts["mask"][-2] |= 0b111000  # the code of a group in the last chunk becomes 7: 2:4 has codes 0-5
+    parts["meta"][7] = _checksum(parts["values"], parts["mask"])  # a consistent checksum: only the code is wrong
+    with pytest.raises(SparseFormatError, match="lm.weight: a group code is out of range"):
+        decode(parts["values"], parts["mask"], parts["meta"], name="lm.weight")

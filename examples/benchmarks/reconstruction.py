@@ -46,7 +46,9 @@ ROWS = {  # name -> (reconstruction, propagation, extra config)
 }
 
 
-_ROW_OPTIONS = {"lr": float, "loss": str}  # what a row may set after its name: "BR+GP lr=1e-3", "default loss=mse"
+# what a row may set after its name: "BR+GP lr=1e-3", "default loss=mse", "default source=c4+self:64"
+_ROW_OPTIONS = {"lr": float, "loss": str, "batch_size": int, "source": str}
+_CALIBRATION_OPTIONS = ("source",)  # (those that belong to the CalibrationConfig)
 
 
 def _row_settings(row: str) -> tuple[str, str, dict]:
@@ -77,9 +79,10 @@ def run_row(args, method: str, row: str) -> dict:
     from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
 
     reconstruction, propagation, extra = _row_settings(row)
+    calibration = {"source": "c4", **{k: extra.pop(k) for k in _CALIBRATION_OPTIONS if k in extra}}
     config = PruningConfig(method=method, sparsity=0.5, pattern=args.pattern, reconstruction=reconstruction,
                            propagation=propagation, epochs=args.epochs, **extra,
-                           calibration=CalibrationConfig(source="c4", num_samples=args.num_samples,
+                           calibration=CalibrationConfig(**calibration, num_samples=args.num_samples,
                                                          seq_len=args.seq_len, heldout_samples=args.heldout, seed=0))
     pruner = ReconPruner.from_pretrained(args.model, config=config)
     checkpoint = None if args.checkpoint_dir is None else Path(args.checkpoint_dir) / _slug(method, row)
