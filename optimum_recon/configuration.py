@@ -178,6 +178,13 @@ class PruningConfig:
             pattern it is fixed to `1 - N/M`.
         pattern: `"unstructured"` or `"N:M"` (at most N nonzeros in every M consecutive input weights).
         method: Mask method: `sparsegpt`, `wanda` or `magnitude`.
+        allocation: How `sparsity` is spread over the pruned layers: `uniform` (every layer the same), `owl`
+            (outlier-weighted: blocks whose Wanda scores hold more outliers are pruned less, others more, see
+            `owl_threshold` and `owl_lambda`; costs one extra forward pass over the calibration windows), or a
+            table {module name or prefix: sparsity} (e.g. {"model.layers.0": 0.3}: layers it does not name share the
+            rest). Either way the model's fraction of zeros is `sparsity` to within half a weight. Unstructured only.
+        owl_threshold: OWL: a score is an outlier above this many times its block's mean score (the paper's M).
+        owl_lambda: OWL: block sparsities span at most 2 x this around `sparsity` (the paper's lambda).
         reconstruction: `layer` (LR: the mask method alone; SparseGPT's update is its layer-wise
             reconstruction), `block` (BR: train each pruned block toward its target) or `cross_block`
             (CR: train sliding windows of `window` consecutive blocks jointly).
@@ -222,6 +229,9 @@ class PruningConfig:
     sparsity: float = 0.5
     pattern: str = "unstructured"
     method: str = "sparsegpt"
+    allocation: str | dict[str, float] = "uniform"
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
     reconstruction: str = "block"
     propagation: str = "global"
     targets: list[str] | None = None
@@ -260,7 +270,28 @@ class PruningConfig:
             raise ValueError(f"block_size={self.block_size!r} is not valid: it must be a positive integer.")
         for name in ("targets", "ignore"):
             self._validate_regexes(name)
+        self._validate_allocation()
         self._validate_training()
+
+    def _validate_allocation(self) -> None:
+        from .masks.allocation import POLICIES
+
+        if isinstance(self.allocation, dict):
+            for key, value in self.allocation.items():
+                if not isinstance(key, str) or not key:
+                    raise ValueError(f"allocation table key {key!r} is not valid: use module names such as "
+                                     "'model.layers.0' or 'model.layers.0.mlp.down_proj'.")
+                _check_number(f"allocation[{key!r}]", value, 0, 1, high_open=True, example="0.4")
+            self.allocation = {key: float(value) for key, value in self.allocation.items()}
+        elif self.allocation not in POLICIES:
+            raise ValueError(f"allocation={self.allocation!r} is not valid: choose one of "
+                             f"{', '.join(map(repr, POLICIES))}, or give a table {{module name: sparsity}}.")
+        _check_number("owl_threshold", self.owl_threshold, 0, None, low_open=True, example="5")
+        _check_number("owl_lambda", self.owl_lambda, 0, 0.5, high_open=True, example="0.08")
+        if self.allocation != "uniform" and self.nm is not None:
+            raise ValueError(f"allocation={self.allocation if isinstance(self.allocation, str) else 'a table'!r} "
+                             f"needs unstructured sparsity: pattern={self.pattern!r} fixes every layer's sparsity at "
+                             f"{self.sparsity:g}. Use allocation='uniform' with N:M.")
 
     def _validate_training(self) -> None:
         for name, low in (("epochs", 0), ("batch_size", 1), ("window", 1), ("lora_rank", 0), ("patience", 1)):

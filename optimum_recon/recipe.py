@@ -7,6 +7,8 @@ the configuration dataclasses only, so that neither has to import the other.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from dataclasses import fields
 from typing import Any
 
@@ -26,10 +28,30 @@ def float_or_auto(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
 
 
+def allocation_value(text: str) -> str | dict[str, float]:
+    """`uniform`, `owl`, a JSON object {module name: sparsity}, or the path of a JSON file holding one (the
+    `allocation` flag)."""
+    text = text.strip()
+    if text in ("uniform", "owl"):
+        return text
+    if not text.startswith("{"):
+        if not os.path.isfile(text):
+            raise argparse.ArgumentTypeError(f"{text!r} is not 'uniform', 'owl', a JSON object or a JSON file")
+        with open(text, encoding="utf-8") as fh:
+            text = fh.read()
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"the allocation table is not valid JSON: {err.msg}") from None
+    if not isinstance(table, dict):
+        raise argparse.ArgumentTypeError("the allocation table must be a JSON object {module name: sparsity}")
+    return table
+
+
 # How a field's annotation is parsed on the command line. Lists take several values: --targets q_proj k_proj.
 _KINDS = {"float": float, "int": int, "str": str, "float | None": float, "str | None": str, "int | None": int,
           "float | str": float_or_auto, "bool": "flag", "bool | None": "flag", "list[str]": "list",
-          "list[str] | None": "list", "tuple[float, float]": "pair"}
+          "list[str] | None": "list", "tuple[float, float]": "pair", "str | dict[str, float]": allocation_value}
 
 
 def _recipe_flags() -> dict[str, tuple[type, str, Any]]:
@@ -70,6 +92,8 @@ def recipe_command(config: PruningConfig, model: str | None) -> str:
             continue
         if kind == "flag":
             parts.append(f"--{flag}" if value else f"--no-{flag}")
+        elif isinstance(value, dict):
+            parts.append(f"--{flag} '{json.dumps(value)}'")
         elif kind in ("list", "pair"):
             parts.append(f"--{flag} " + " ".join(f"'{v}'" if kind == "list" else str(v) for v in value))
         else:

@@ -103,6 +103,9 @@ class PruningReport:
     # how the last save wrote the weights: dtype, sparse_format, and for a compact save the bytes of the compressed
     # weights dense ("compressed_dense") and compact ("compressed"), and how many ("compressed_tensors")
     saved: dict[str, Any] = field(default_factory=dict)
+    # how the sparsity was spread over the blocks: policy, each block's sparsity, OWL's outlier ratios and settings,
+    # and the seconds the allocation took (OWL's dense pass)
+    allocation: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings raised while loading data and pruning

@@ -40,6 +40,7 @@ from ..modeling.offload import check_device, execution_device, onload, release_h
 from ..reconstruction import WindowTask, get_reconstruction
 from ..report import BlockRecord, PruningReport, peak_cuda_mib, peak_rss_mib, recorded_warnings
 from .activations import ActivationStore
+from .allocation import allocate
 from .capture import capture_block_inputs
 from .checkpoint import Checkpointer
 from .runtime import Runtime
@@ -112,7 +113,7 @@ class _Run(RunState):
         if self.config.propagation == "local" and self.window > 1 and self.trains:
             self.dense_copies[e] = copy.deepcopy(block).to("cpu")
         self.masks[e], self.layer_records[e] = apply_masks(layers, stats, self.method, self.config,
-                                                           f"{self.path}.{e}")
+                                                           f"{self.path}.{e}", self.zero_counts)
         if self.before_at_masking:
             self.before_errors[e] = {split.name: self._block_error(split, e, device) for split in self.splits()}
         elif self.trains:
@@ -337,6 +338,8 @@ def _prune(model: nn.Module, config: PruningConfig, calibration: CalibrationSet,
                    sample_rows=sample_rows)
         report = PruningReport(config=config.to_dict(), num_calibration_tokens=int(input_ids.numel()),
                                calibration=calibration.describe())
+        # before `resume`, which loads finished blocks' pruned weights: OWL's statistics are the dense model's
+        run.zero_counts, report.allocation = allocate(run)
         checkpointer, start_block = run.resume(report, runtime.checkpoint_dir, input_ids, heldout_ids)
         _loop(run, report, progress, checkpointer, start_block)
     finally:

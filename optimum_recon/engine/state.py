@@ -76,6 +76,7 @@ class RunState:
         self.statistics_batches = statistics_batches
         self.sample_rows = sample_rows
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
+        self.zero_counts: dict[str, int] | None = None  # zeros per pruned layer (`allocation.py`), set before the loop
         # The error "before" training, of the masked but untrained block on its final inputs. With a window of one
         # block (BR) those inputs are final when the block is masked, so it is measured then ("before_errors");
         # in CR the inputs still change while the previous block trains, so the untrained weights are kept on the

@@ -193,9 +193,12 @@ class StatisticsHooks:
 
 
 def apply_masks(
-    layers: list[LinearLayer], stats: dict[str, Any], method: MaskMethod, config: PruningConfig, block_name: str
+    layers: list[LinearLayer], stats: dict[str, Any], method: MaskMethod, config: PruningConfig, block_name: str,
+    zero_counts: dict[str, int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[LayerRecord]]:
-    """Choose and apply every layer's mask; return the keep-masks (out, in) and per-layer records.
+    """Choose and apply every layer's mask; return the keep-masks (out, in) and per-layer records. ``zero_counts``
+    (by full layer name, from `allocation.py`) says how many weights each layer loses; without it each comparison
+    group loses ``int(size * config.sparsity)``.
 
     ``stats`` is consumed: each layer's statistics leave it (and are freed) once the layer is pruned. In a
     distributed run the layers' solves are shared out (layer ``i`` on rank ``i % world``) and each result is
@@ -209,7 +212,9 @@ def apply_masks(
         if layer_stats is not None:
             layer_stats.last_use = not any(other is layer_stats for other in stats.values())
         if i % world == me:
-            result = method.prune(layer.weight, layer_stats, sparsity=config.sparsity, nm=config.nm,
+            count = None if zero_counts is None else zero_counts.get(f"{block_name}.{layer.name}")
+            sparsity = config.sparsity if count is None else count / layer.weight.numel()
+            result = method.prune(layer.weight, layer_stats, sparsity=sparsity, nm=config.nm, num_prune=count,
                                   block_size=config.block_size, dampening=config.dampening)
             layer.set_weight(result.weight)
             masks[layer.name] = result.mask

@@ -65,9 +65,12 @@ class MaskMethod(ABC):
         *,
         sparsity: float,
         nm: tuple[int, int] | None,
+        num_prune: int | None = None,
         **options: Any,
     ) -> PruneResult:
-        """Choose the mask of ``weight`` (out, in) and return the pruned weight with it."""
+        """Choose the mask of ``weight`` (out, in) and return the pruned weight with it. Unstructured: exactly
+        ``num_prune`` weights are pruned when it is given (the engine always gives it: `allocation.py`), else each
+        comparison group loses ``int(size * sparsity)``."""
 
 
 def _keep_top(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
@@ -89,21 +92,33 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return _keep_top(groups, n).reshape(out_features, in_features)
 
 
-def row_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune ``int(in * sparsity)`` lowest scores in each output row (Wanda's comparison group)."""
-    num_prune = int(scores.shape[1] * sparsity)
-    return _keep_top(scores, scores.shape[1] - num_prune)
+def row_keep_mask(scores: torch.Tensor, sparsity: float, num_prune: int | None = None) -> torch.Tensor:
+    """Prune the lowest scores of each output row (Wanda's comparison group): ``int(in * sparsity)`` per row, or with
+    ``num_prune`` exactly that many in all, ``num_prune // rows`` per row plus one more in the ``num_prune % rows``
+    rows whose next-lowest score is the lowest."""
+    rows, cols = scores.shape
+    if num_prune is None:
+        return _keep_top(scores, cols - int(cols * sparsity))
+    per_row, extra = divmod(int(num_prune), rows)
+    keep = _keep_top(scores, cols - per_row)
+    if extra:
+        lowest, where = torch.where(keep, scores, torch.inf).min(dim=1)  # (rows,) each row's lowest kept score
+        chosen = torch.sort(lowest, stable=True).indices[:extra]
+        keep[chosen, where[chosen]] = False
+    return keep
 
 
-def global_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Prune exactly ``int(numel * sparsity)`` lowest scores over the whole matrix."""
+def global_keep_mask(scores: torch.Tensor, sparsity: float, num_prune: int | None = None) -> torch.Tensor:
+    """Prune exactly ``num_prune`` (default ``int(numel * sparsity)``) lowest scores over the whole matrix."""
     flat = scores.reshape(1, -1)
-    num_prune = int(flat.shape[1] * sparsity)
+    num_prune = int(flat.shape[1] * sparsity) if num_prune is None else int(num_prune)
     return _keep_top(flat, flat.shape[1] - num_prune).reshape(scores.shape)
 
 
-def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, per_row: bool) -> torch.Tensor:
-    """The keep-mask for ``scores`` under an N:M pattern, or unstructured per row / over the matrix."""
+def select_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, per_row: bool,
+                num_prune: int | None = None) -> torch.Tensor:
+    """The keep-mask for ``scores`` under an N:M pattern, or unstructured per row / over the matrix (``num_prune``:
+    the exact number of weights to prune, see `allocation.py`)."""
     if nm is not None:
         return nm_keep_mask(scores, *nm)
-    return row_keep_mask(scores, sparsity) if per_row else global_keep_mask(scores, sparsity)
+    return row_keep_mask(scores, sparsity, num_prune) if per_row else global_keep_mask(scores, sparsity, num_prune)

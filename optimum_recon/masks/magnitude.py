@@ -9,13 +9,15 @@ import torch
 from .base import MaskMethod, PruneResult, select_mask
 
 
-def magnitude_prune(weight: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> PruneResult:
+def magnitude_prune(weight: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None,
+                    num_prune: int | None = None) -> PruneResult:
     """Prune ``weight`` (out, in) by magnitude.
 
-    Unstructured: one threshold over the whole matrix (exactly ``int(numel * sparsity)`` zeros).
+    Unstructured: one threshold over the whole matrix (exactly ``num_prune``, default ``int(numel * sparsity)``,
+    zeros).
     N:M: the N largest |W| of every M consecutive inputs in each row are kept.
     """
-    mask = select_mask(weight.abs().float(), sparsity, nm, per_row=False)
+    mask = select_mask(weight.abs().float(), sparsity, nm, per_row=False, num_prune=num_prune)
     return PruneResult(weight=weight * mask, mask=mask)
 
 
@@ -23,5 +25,5 @@ class Magnitude(MaskMethod):
     name = "magnitude"
     needs_inputs = False
 
-    def prune(self, weight, stats, *, sparsity, nm, **options: Any) -> PruneResult:
-        return magnitude_prune(weight, sparsity, nm)
+    def prune(self, weight, stats, *, sparsity, nm, num_prune=None, **options: Any) -> PruneResult:
+        return magnitude_prune(weight, sparsity, nm, num_prune)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .allocation import split_count
 from .base import MaskMethod, PruneResult, _keep_top, nm_keep_mask
 from .statistics import HessianStatistics
 
@@ -69,6 +70,7 @@ def sparsegpt_prune(
     dampening: float = 0.01,
     *,
     overwrite_hessian: bool = False,
+    num_prune: int | None = None,
 ) -> PruneResult:
     """Prune ``weight`` (out, in) with SparseGPT given the layer Hessian ``hessian`` (in, in).
 
@@ -78,15 +80,17 @@ def sparsegpt_prune(
     Unstructured: inside every block of ``block_size`` columns exactly ``int(rows * cols * sparsity)``
     weights with the lowest OBS saliency w_j^2 / U_jj^2 are pruned (U_jj^2 = [inv(H_F)]_00 with F the
     columns j.. still free). The original keeps only scores strictly above the threshold, which prunes
-    one weight more per block; we prune exactly that many. N:M: the top-N scores of every M consecutive columns per row,
-    chosen when the group's first column is reached (so the scores include earlier compensation).
+    one weight more per block; we prune exactly that many. With ``num_prune`` exactly that many in the whole layer,
+    spread over the column blocks in proportion to their widths (`allocation.split_count`). N:M: the top-N scores of
+    every M consecutive columns per row, chosen when the group's first column is reached (so the scores include
+    earlier compensation).
     Returns the compensated weight in the input dtype, its keep-mask and ``info["dampening"]``.
     """
     out_dtype = weight.dtype
     W = weight.detach().clone().float()  # (rows, cols)
-    H = hessian.detach().float()  # (cols, cols)
-    if H is hessian and not overwrite_hessian:
-        H = H.clone()
+    H = hessian.detach().float()  # (cols, cols); shares ``hessian``'s memory when it is float32 already
+    if not overwrite_hessian and H.data_ptr() == hessian.data_ptr():
+        H = H.clone()  # (`detach` returns a new tensor object on the same memory: an `is` test cannot tell)
     del hessian
     rows, cols = W.shape
     if nm is not None and cols % nm[1]:
@@ -100,9 +104,12 @@ def sparsegpt_prune(
     if nm is not None:  # an N:M group must not straddle two lazy blocks
         block_size = max(nm[1], block_size // nm[1] * nm[1])
     keep = torch.ones_like(W, dtype=torch.bool)
-    for start in range(0, cols, block_size):
-        end = min(start + block_size, cols)
-        _prune_block(W, Hinv, keep, start, end, sparsity, nm)
+    starts = list(range(0, cols, block_size))
+    widths = [min(start + block_size, cols) - start for start in starts]
+    counts = ([int(rows * width * sparsity) for width in widths] if num_prune is None
+              else split_count(int(num_prune), [rows * width for width in widths]))
+    for start, width, count in zip(starts, widths, counts):
+        _prune_block(W, Hinv, keep, start, start + width, count, nm)
     W *= keep
     return PruneResult(weight=W.to(out_dtype), mask=keep, info={"dampening": used_dampening})
 
@@ -113,10 +120,11 @@ def _prune_block(
     keep: torch.Tensor,
     start: int,
     end: int,
-    sparsity: float,
+    num_prune: int,
     nm: tuple[int, int] | None,
 ) -> None:
-    """Process columns [start, end): choose their mask, compensate inside the block, then beyond it."""
+    """Process columns [start, end): choose their mask (``num_prune`` zeros when unstructured), compensate inside
+    the block, then beyond it."""
     W1 = W[:, start:end].clone()  # (rows, count)
     Hinv1 = Hinv[start:end, start:end]  # (count, count)
     diag = torch.diag(Hinv1)  # (count,)
@@ -124,7 +132,7 @@ def _prune_block(
     errors = torch.zeros_like(W1)
     if nm is None:
         scores = W1.pow(2) / diag.reshape(1, -1).pow(2)
-        keep1 = _keep_top(scores.reshape(1, -1), scores.numel() - int(scores.numel() * sparsity))
+        keep1 = _keep_top(scores.reshape(1, -1), scores.numel() - num_prune)
         keep1 = keep1.reshape(scores.shape)
     else:
         keep1 = torch.ones_like(W1, dtype=torch.bool)
@@ -150,7 +158,7 @@ class SparseGPT(MaskMethod):
     def new_statistics(self, in_features: int, device: torch.device, *, exact: bool = False) -> HessianStatistics:
         return HessianStatistics(in_features, device, exact=exact)
 
-    def prune(self, weight, stats, *, sparsity, nm, **options: Any) -> PruneResult:
+    def prune(self, weight, stats, *, sparsity, nm, num_prune=None, **options: Any) -> PruneResult:
         # the Hessian is computed for this call (or handed over by its statistics on their last use): factorize
         # it in place
         return sparsegpt_prune(
@@ -161,4 +169,5 @@ class SparseGPT(MaskMethod):
             block_size=options.get("block_size", 128),
             dampening=options.get("dampening", 0.01),
             overwrite_hessian=True,
+            num_prune=num_prune,
         )
