@@ -24,6 +24,7 @@ RECIPES = {
     "sparsegpt-br-gp": dict(method="sparsegpt", reconstruction="block", propagation="global", epochs=2),
     "wanda-cr-local": dict(method="wanda", reconstruction="cross_block", propagation="local", epochs=1),
     "sparsegpt-br-self": dict(method="sparsegpt", reconstruction="block", epochs=1, self_samples=6),
+    "wanda-lr-owl": dict(method="wanda", reconstruction="layer", sparsity=0.7, allocation="owl", owl_lambda=0.1),
 }
 
 
@@ -44,7 +45,7 @@ def main() -> None:
         source = f"{args.text}+self:{self_samples}" if self_samples else args.text
         calibration = CalibrationConfig(source=source, num_samples=12, seq_len=16, heldout_samples=4,
                                         self_batch_size=2)
-        sparsity = 0.5
+        sparsity = recipe.pop("sparsity", 0.5)
         if args.fail == "mismatch" and int(os.environ["RANK"]) == 1:
             sparsity = 0.6
         config = PruningConfig(sparsity=sparsity, batch_size=4, calibration=calibration, **recipe)

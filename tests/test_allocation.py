@@ -233,3 +233,32 @@ def test_sparsegpt_leaves_the_callers_hessian_alone_unless_told_to_overwrite_it(
     before = h.clone()
     sparsegpt_prune(torch.randn(4, 16), h, 0.5)
     assert torch.equal(h, before)
+
+
+def test_the_card_says_how_the_sparsity_was_spread_and_each_blocks_share():
+    from optimum_recon.hub import build_model_card
+
+    model = make_tiny_model("llama", num_hidden_layers=3)
+    config = PruningConfig(method="wanda", sparsity=0.6, allocation="owl", reconstruction="layer")
+    report = prune_model(model, config, _ids(), QUIET)
+    card = str(build_model_card(config, report))
+    low, high = min(report.allocation["block_sparsity"]), max(report.allocation["block_sparsity"])
+    assert "spread over the blocks by OWL" in card and f"blocks from {low:.1%} to {high:.1%}" in card
+    assert "Sparsity per block (OWL): 0: " in card and "--allocation owl" in card
+    assert "OWL" not in str(build_model_card(PruningConfig(method="wanda", reconstruction="layer"), None))
+
+
+@pytest.mark.parametrize("value,expected", [("owl", "owl"), ("uniform", "uniform"),
+                                            ('{"model.layers.0": 0.3}', {"model.layers.0": 0.3})])
+def test_the_cli_reads_a_policy_a_json_table_or_a_table_file(value, expected, tmp_path):
+    import argparse
+
+    from optimum_recon.recipe import allocation_value
+
+    assert allocation_value(value) == expected
+    table = tmp_path / "table.json"
+    table.write_text('{"model.layers.1.mlp": 0.65}')
+    assert allocation_value(str(table)) == {"model.layers.1.mlp": 0.65}
+    for bad in ("OWL", "[0.5]", "{broken", str(tmp_path / "missing.json")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            allocation_value(bad)

@@ -27,7 +27,7 @@ import torch
 from optimum_recon.testing import save_tiny_model, save_tiny_text
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-RECIPES = ("sparsegpt-lr", "sparsegpt-br-gp", "wanda-cr-local", "sparsegpt-br-self")
+RECIPES = ("sparsegpt-lr", "sparsegpt-br-gp", "wanda-cr-local", "sparsegpt-br-self", "wanda-lr-owl")
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -83,6 +83,8 @@ def test_two_processes_match_one(runs, recipe):
         for key in ("error", "error_normalized", "heldout_error", "error_before", "sparsity"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (recipe, a["index"], key)
     assert single["report"]["model_sparsity"] == pytest.approx(ranks[0]["report"]["model_sparsity"], abs=0)
+    # the same allocation of the sparsity over the blocks (OWL: from statistics summed over the ranks)
+    assert single["report"]["allocation"]["block_sparsity"] == ranks[0]["report"]["allocation"]["block_sparsity"]
     assert single["perplexity"] == pytest.approx(ranks[0]["perplexity"], rel=1e-5)
 
 

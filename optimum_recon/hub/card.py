@@ -77,8 +77,8 @@ def _what_was_done(config: PruningConfig, report: PruningReport | None) -> str:
         data = f"{cal.num_samples} calibration windows of {cal.seq_len} tokens drawn from `{cal.external_source}`"
     words = (
         f"Pruned one-shot with optimum-recon {__version__}. In {layers}, {config.sparsity:.0%} of the weights were "
-        f"set to zero ({pattern} sparsity), chosen by **{config.method}** from {data} (seed {cal.seed}), block by "
-        f"block; then {recon}. The embeddings and the LM head are dense."
+        f"set to zero ({pattern} sparsity{_allocation_words(config, report)}), chosen by **{config.method}** from "
+        f"{data} (seed {cal.seed}), block by block; then {recon}. The embeddings and the LM head are dense."
     )
     if cal.self_samples and cal.external_source is not None:
         use = "reconstruction only (the masks come from the external windows alone)" if cal.self_use == \
@@ -86,6 +86,19 @@ def _what_was_done(config: PruningConfig, report: PruningReport | None) -> str:
         words += (f" Another {cal.self_samples} sequences, sampled from the dense model itself (temperature "
                   f"{cal.self_temperature}, top-k {cal.self_top_k}, top-p {cal.self_top_p}), fed {use}.")
     return words
+
+
+def _allocation_words(config: PruningConfig, report: PruningReport | None) -> str:
+    """How the sparsity was spread over the blocks, when not evenly."""
+    if config.allocation == "uniform":
+        return ""
+    spread = (report.allocation or {}).get("block_sparsity") if report is not None else None
+    blocks = f": blocks from {min(spread):.1%} to {max(spread):.1%}, see the table below" if spread else ""
+    if config.allocation == "owl":
+        return (f", spread over the blocks by OWL, outlier-weighted layerwise sparsity (Yin et al., 2024; "
+                f"M = {config.owl_threshold:g}, lambda = {config.owl_lambda:g}): blocks whose Wanda scores hold more "
+                f"outliers are pruned less{blocks}")
+    return f", spread over the layers by a per-layer table (`allocation` in `pruning_config.json`){blocks}"
 
 
 def _training_words(config: PruningConfig, heldout: int) -> str:
@@ -163,6 +176,10 @@ def _results(report: PruningReport | None) -> str:
             fmt = lambda v: f"{v:.4f}" if v is not None else "not measured"  # noqa: E731
             lines.append(f"| {name} | {fmt(values.get('dense'))} | {fmt(values.get('pruned'))} |")
     lines += _error_table(report)
+    spread = (report.allocation or {}).get("block_sparsity")
+    if spread and report.allocation.get("policy") != "uniform":
+        lines += ["", "Sparsity per block (" + ("OWL" if report.allocation["policy"] == "owl" else "from the table")
+                  + "): " + ", ".join(f"{i}: {v:.1%}" for i, v in enumerate(spread)) + "."]
     guard = report.guard_words()
     if guard:
         lines += ["", "Training: " + guard]

@@ -1,13 +1,14 @@
 """Mask methods, looked up by name.
 
 A method is a `MaskMethod` subclass registered with `register_mask_method`; `get_mask_method(name)`
-returns an instance. The pure functions (`magnitude_prune`, `wanda_prune`, `sparsegpt_prune`) can be
+returns an instance. The pure functions (`magnitude_prune`, `wanda_prune`, `sparsegpt_prune`, `alps_prune`) can be
 used on their own.
 """
 
 from __future__ import annotations
 
 from ..registry import Registry
+from .alps import ALPS, alps_prune
 from .base import InputStatistics, MaskMethod, PruneResult
 from .magnitude import Magnitude, magnitude_prune
 from .sparsegpt import SparseGPT, sparsegpt_prune
@@ -26,7 +27,7 @@ def get_mask_method(name: str) -> MaskMethod:
     return MASK_METHODS.create(name)
 
 
-for _cls in (Magnitude, SparseGPT, Wanda):
+for _cls in (Magnitude, SparseGPT, Wanda, ALPS):
     register_mask_method(_cls)
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "InputStatistics",
     "MaskMethod",
     "PruneResult",
+    "alps_prune",
     "get_mask_method",
     "magnitude_prune",
     "register_mask_method",
