@@ -1,14 +1,17 @@
 """Benchmark: what reconstruction buys on the bundled model (LR, BR, BR+GP, BR+GP+CR, BR+GP with LoRA).
 
-For each mask method (default SparseGPT and Wanda) at 50% unstructured sparsity, each row is pruned in its
-own process and reports the final-block reconstruction error on the calibration windows and on held-out
-windows from the same source (plain MSE and normalized by the dense hidden states' mean square), the
+For each mask method (default SparseGPT and Wanda) at 50% unstructured sparsity (`--sparsity`, `--pattern`), each
+row is pruned in its own process and reports the final-block reconstruction error on the calibration windows and on
+held-out windows from the same source (plain MSE and normalized by the dense hidden states' mean square), the
 WikiText-2 perplexity, the wall time, the peak RSS and the optimizer state of the largest window.
 
 The issue's setting is 64 C4 windows of 512 tokens, 10 epochs: on 2 CPU cores a BR row takes about half an
 hour and a CR row an hour. `--num-samples`, `--seq-len` and `--epochs` scale it down; the table says what ran.
 
     python examples/benchmarks/reconstruction.py [--methods sparsegpt,wanda] [--num-samples 64] [--seq-len 512]
+
+A row may change settings after its name: "BR+GP lr=1e-3", "default loss=mse", "LR allocation=owl" (the
+sparsity allocation, issue 25: `--sparsity 0.7 --methods sparsegpt,wanda,alps --rows "LR,LR allocation=owl"`).
 
 Rows can run side by side, one thread each, into their own files, then be merged (on 2 cores two one-thread
 rows get through about 30% more work than one two-thread row):
@@ -47,7 +50,7 @@ ROWS = {  # name -> (reconstruction, propagation, extra config)
 
 
 # what a row may set after its name: "BR+GP lr=1e-3", "default loss=mse", "default source=c4+self:64"
-_ROW_OPTIONS = {"lr": float, "loss": str, "batch_size": int, "source": str}
+_ROW_OPTIONS = {"lr": float, "loss": str, "batch_size": int, "source": str, "allocation": str, "owl_lambda": float}
 _CALIBRATION_OPTIONS = ("source",)  # (those that belong to the CalibrationConfig)
 
 
@@ -80,7 +83,7 @@ def run_row(args, method: str, row: str) -> dict:
 
     reconstruction, propagation, extra = _row_settings(row)
     calibration = {"source": "c4", **{k: extra.pop(k) for k in _CALIBRATION_OPTIONS if k in extra}}
-    config = PruningConfig(method=method, sparsity=0.5, pattern=args.pattern, reconstruction=reconstruction,
+    config = PruningConfig(method=method, sparsity=args.sparsity, pattern=args.pattern, reconstruction=reconstruction,
                            propagation=propagation, epochs=args.epochs, **extra,
                            calibration=CalibrationConfig(**calibration, num_samples=args.num_samples,
                                                          seq_len=args.seq_len, heldout_samples=args.heldout, seed=0))
@@ -108,6 +111,8 @@ def run_row(args, method: str, row: str) -> dict:
                        "heldout_error_before_relative": b.heldout_error_before_relative,
                        "training": [{k: w[k] for k in _TRAINING_KEYS if k in w}
                                     for w in b.reconstruction.get("windows", [])]} for b in report.blocks],
+        "sparsity": args.sparsity, "model_sparsity": report.model_sparsity,
+        "allocation": {k: v for k, v in report.allocation.items()},
         "training_seconds": sum(w.get("seconds", 0.0) for w in windows),
         "guard_seconds": sum(w.get("guard_seconds", 0.0) for w in windows),
     }
@@ -156,6 +161,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M, e.g. 2:4")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity (N:M sets its own)")
     parser.add_argument("--heldout", type=lambda v: None if v == "auto" else int(v), default=16,
                         help="held-out windows, or 'auto' (the library's default)")
     parser.add_argument("--epochs", type=int, default=10)
@@ -184,8 +190,9 @@ def main() -> None:
     env = offline_env(args.data_dir)
     how_to_run = ("child", "output", "resume", "methods", "rows", "merge", "checkpoint_dir")  # not what was measured
     settings = {k: v for k, v in vars(args).items() if k not in how_to_run}
-    if settings["pattern"] == "unstructured":  # (rows measured before --pattern existed)
-        del settings["pattern"]
+    for key, before in (("pattern", "unstructured"), ("sparsity", 0.5)):  # (rows measured before the flag existed)
+        if settings[key] == before:
+            del settings[key]
     results = {**run_metadata(), "settings": settings, "runs": []}
     if args.resume and Path(args.output).is_file():
         _combine(results, json.loads(Path(args.output).read_text()), f"--resume: {args.output}")
