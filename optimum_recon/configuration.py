@@ -177,7 +177,7 @@ class PruningConfig:
         sparsity: Fraction of weights set to zero in each pruned linear layer, in [0, 1). For an N:M
             pattern it is fixed to `1 - N/M`.
         pattern: `"unstructured"` or `"N:M"` (at most N nonzeros in every M consecutive input weights).
-        method: Mask method: `sparsegpt`, `wanda` or `magnitude`.
+        method: Mask method: `sparsegpt`, `wanda`, `magnitude` or `alps` (ALPS: mask and weights by ADMM, for 60-70%).
         allocation: How `sparsity` is spread over the pruned layers: `uniform` (every layer the same), `owl`
             (outlier-weighted: blocks whose Wanda scores hold more outliers are pruned less, others more, see
             `owl_threshold` and `owl_lambda`; costs one extra forward pass over the calibration windows), or a

@@ -33,7 +33,7 @@ def test_nm_pattern_fixes_sparsity():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"method": "obs"}, "method='obs' is not valid: choose one of 'magnitude', 'sparsegpt', 'wanda'"),
+        ({"method": "obs"}, "method='obs' is not valid: choose one of 'alps', 'magnitude', 'sparsegpt', 'wanda'"),
         ({"reconstruction": "global"}, "reconstruction='global' is not valid"),
         ({"propagation": "dense"}, "propagation='dense' is not valid: choose one of 'global', 'local'"),
         ({"targets": ["q_proj("]}, "targets entry 'q_proj\\(' is not a valid regular expression"),

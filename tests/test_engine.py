@@ -49,7 +49,7 @@ def test_captured_inputs_reproduce_the_forward_pass(arch, calib_ids):
             torch.testing.assert_close(x, expected[b][i], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude", "alps"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_prune_matrix(arch, method, pattern, calib_ids):
     model = make_tiny_model(arch)
