@@ -197,6 +197,13 @@ class PruningReport:
             f"{self.total_seconds:.1f} s (peak RSS {self.peak_rss_mib:,.0f} MiB)",
             "errors: MSE against the dense model's hidden states after each block (normalized: / their mean square)",
         ]
+        allocation = self.allocation or {}
+        if allocation.get("policy") not in (None, "uniform"):
+            spread = allocation.get("block_sparsity") or [0.0]
+            how = (f"OWL (outlier ratio above {allocation.get('threshold', 0):g}x the block mean, lambda "
+                   f"{allocation.get('owl_lambda', 0):g}; {allocation.get('seconds', 0):.1f} s)"
+                   if allocation["policy"] == "owl" else "the allocation table")
+            lines.insert(1, f"sparsity spread over the blocks by {how}: from {min(spread):.2%} to {max(spread):.2%}")
         header = f"{'block':>5} {'sparsity':>8} {'error':>10} {'normalized':>10}"
         if trained:
             header += f" {'before':>10} {'cut':>6}"

@@ -262,3 +262,16 @@ def test_the_cli_reads_a_policy_a_json_table_or_a_table_file(value, expected, tm
     for bad in ("OWL", "[0.5]", "{broken", str(tmp_path / "missing.json")):
         with pytest.raises(argparse.ArgumentTypeError):
             allocation_value(bad)
+
+
+def test_the_summary_says_how_the_sparsity_was_spread():
+    model = make_tiny_model("llama", num_hidden_layers=3)
+    report = prune_model(model, PruningConfig(method="wanda", sparsity=0.6, allocation="owl",
+                                              reconstruction="layer"), _ids(), QUIET)
+    text = report.summary()
+    assert "sparsity spread over the blocks by OWL (outlier ratio above 5x the block mean, lambda 0.08" in text
+    low = min(report.allocation["block_sparsity"])
+    assert f"from {low:.2%}" in text
+    uniform = prune_model(make_tiny_model("llama"), PruningConfig(method="wanda", reconstruction="layer"), _ids(),
+                          QUIET)
+    assert "spread over" not in uniform.summary() and uniform.allocation["policy"] == "uniform"
