@@ -26,7 +26,9 @@ solution; ``cg_iters`` steps.
 
 Memory: Hn, its eigenvectors and the current inverse (three (in, in) float32 matrices; the eigendecomposition runs in
 float64, two more transiently), plus B, D, V, B_0 and Hn B_0 ((in, out) each). Time: per ADMM iteration one
-(in, in) x (in, out) product and one top-k over the weights; about 2-4x SparseGPT's time per layer on a CPU.
+(in, in) x (in, out) product and one top-k over the weights, plus the eigendecomposition: about 10x SparseGPT's
+time per layer on a CPU (measured on one thread: 3.7 s against 0.27 s for a 576 x 1536 layer, 30 iterations),
+a small part of a BR run's time.
 The schedule constants are the paper's; everything here is written from its description.
 """
 
