@@ -49,6 +49,9 @@ def test_prune_eval_and_recipe(tiny_model_dir, text_file, tmp_path, capsys):
         (["--model", "./no/such/folder"], "model path './no/such/folder' does not exist"),
         (["--calibration", "missing.jsonl"], "does not exist"),
         (["--guard", "--heldout-samples", "0"], "guard=True judges training on held-out windows"),
+        (["--allocation", "owl", "--pattern", "2:4"], "allocation='owl' needs unstructured sparsity"),
+        (["--allocation", "owl", "--owl-lambda", "0.7"], "owl_lambda=0.7 is not valid"),
+        (["--allocation", "{\"model.layers.0\": 1.5}"], "allocation['model.layers.0']=1.5 is not valid"),
     ],
 )
 def test_bad_input_is_one_clear_line(argv, message, tiny_model_dir, capsys):
@@ -96,3 +99,21 @@ def test_lr_auto_and_the_guard_from_the_command_line(tiny_model_dir, text_file, 
     card = (out / "README.md").read_text()
     heldout = json.loads((out / "pruning_report.json").read_text())["calibration"]["heldout"]
     assert 'lr="auto"' in card and f"judged on {heldout} held-out windows" in card and "--lr auto" in card
+
+
+def test_prune_with_owl_then_repeat_the_recipe(tiny_model_dir, text_file, tmp_path):
+    out, again = tmp_path / "owl", tmp_path / "again"
+    assert main(["prune", "--model", str(tiny_model_dir), "--sparsity", "0.6", "--method", "wanda", "--allocation",
+                 "owl", "--owl-lambda", "0.1", "--reconstruction", "layer", "--calibration", str(text_file),
+                 "--num-samples", "6", "--seq-len", "32", "--output", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["allocation"]["policy"] == "owl" and len(set(report["allocation"]["block_sparsity"])) > 1
+    assert "spread over the blocks by OWL" in (out / "README.md").read_text()
+    table = tmp_path / "table.json"
+    table.write_text('{"model.layers.0": 0.4}')
+    assert main(["prune", "--model", str(tiny_model_dir), "--recipe", str(out), "--allocation", str(table),
+                 "--output", str(again), "--no-progress", "--calibration", str(text_file)]) == 0
+    repeated = PruningConfig.from_pretrained(again)
+    assert repeated.allocation == {"model.layers.0": 0.4} and repeated.owl_lambda == 0.1 and repeated.sparsity == 0.6
+    blocks = json.loads((again / "pruning_report.json").read_text())["blocks"]
+    assert blocks[0]["sparsity"] == pytest.approx(0.4, abs=1e-3)
