@@ -113,8 +113,9 @@ def _nm_positions(weight: torch.Tensor, n: int, m: int) -> torch.Tensor | None:
 # --- encode / decode ----------------------------------------------------------------------------------------
 
 def _checksum(values: torch.Tensor, mask: torch.Tensor) -> int:
-    crc = zlib.crc32(values.contiguous().view(torch.uint8).numpy().tobytes())
-    return zlib.crc32(mask.numpy().tobytes(), crc)
+    # zlib reads the arrays' memory directly (no bytes copy) and releases the GIL while it does
+    crc = zlib.crc32(values.contiguous().view(torch.uint8).numpy())
+    return zlib.crc32(mask.contiguous().numpy(), crc)
 
 
 def worth_compressing(weight: torch.Tensor) -> bool:
@@ -170,8 +171,28 @@ def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: s
     if values.numel() != count:
         raise SparseFormatError(f"{name}: {values.numel()} stored values where its record says {count} "
                                 "(truncated or corrupted file).")
-    if mask.dtype != torch.uint8 or _checksum(values, mask) != crc:
+    if mask.dtype != torch.uint8:
+        raise SparseFormatError(f"{name}: its mask is stored as {mask.dtype}, not uint8 (corrupted).")
+    # the checksum runs beside the decoding, on a thread of its own (zlib releases the GIL), and is checked before the
+    # decoded weight is returned: a corrupted tensor is still an error, never a weight, and a mismatch is the error
+    # reported even when the damaged mask also fails a check of the decoding
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="optimum-recon-crc") as pool:
+        checksum = pool.submit(_checksum, values, mask)
+        try:
+            dense, failure = _expand(values, mask, name, kind, rows, cols, n, m, count), None
+        except SparseFormatError as err:
+            dense, failure = None, err
+        matches = checksum.result() == crc
+    if not matches:
         raise SparseFormatError(f"{name}: the checksum of its values and mask does not match (corrupted file).")
+    if failure is not None:
+        raise failure
+    return dense
+
+
+def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows: int, cols: int, n: int, m: int,
+            count: int) -> torch.Tensor:
+    """The dense (rows, cols) weight from checked-in-size values and mask (`decode`'s second half)."""
     dense = values.new_zeros(rows * cols)
     if kind == BITMASK:
         expected = (rows * cols + 7) // 8
