@@ -15,10 +15,10 @@ import sys
 import traceback
 import warnings
 from dataclasses import fields
-from typing import Any, Iterator
+from typing import Any
 
+from .cli_messages import configure_logging, error_line, one_line_warnings, user_errors
 from .configuration import CalibrationConfig, PruningConfig, field_default, field_help
-from .hub.push import HubUploadError
 from .recipe import RECIPE_FLAGS as _RECIPE_FLAGS
 from .recipe import recipe_command  # noqa: F401 - part of this module's interface
 
@@ -385,65 +385,6 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_logging(verbose: bool) -> None:
-    logger = logging.getLogger("optimum_recon")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-@contextlib.contextmanager
-def _one_line_warnings(verbose: bool) -> Iterator[None]:
-    """Show each warning once, as one line (``optimum-recon: warning: ...``) instead of Python's form with the
-    library's source path and line under it; ``-v`` keeps Python's form."""
-    if verbose:
-        yield
-        return
-    shown: set[str] = set()
-    original = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        text = str(message).strip()
-        if text in shown:
-            return
-        shown.add(text)
-        label = "warning" if issubclass(category, UserWarning) else category.__name__
-        print(f"optimum-recon: {label}: {text}", file=sys.stderr)
-
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        warnings.showwarning = original
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The errors a user's input or environment causes: printed as one line (a traceback with -v)."""
-    import torch
-
-    from .reconstruction.training import NonFiniteTrainingError
-
-    return (ValueError, OSError, ImportError, NotImplementedError, HubUploadError, NonFiniteTrainingError,
-            torch.linalg.LinAlgError, torch.cuda.OutOfMemoryError)
-
-
-def _error_line(err: BaseException) -> str:
-    import torch
-
-    text = str(err).strip() or type(err).__name__
-    if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in text:
-        text += f": {err.filename}"
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        text = ("out of memory on the accelerator: use a smaller --batch-size, --gradient-checkpointing, "
-                "--train-dtype bfloat16, or --device-map auto with --activation-offload disk (" + text.splitlines()[0]
-                + ")")
-    elif isinstance(err, torch.linalg.LinAlgError):
-        text += " Raise --dampening (e.g. 0.1) or check the calibration data."
-    return " ".join(text.split())  # one line, whatever the message
-
-
 def run_generate(args: argparse.Namespace) -> int:
     from .data.self_generate import load_or_generate, save_dataset
 
@@ -487,22 +428,22 @@ def run_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = 
             parser.print_help()
         return 2
     verbose = getattr(args, "verbose", False)
-    _configure_logging(verbose)
+    configure_logging(verbose)
     # Under torchrun / accelerate launch every rank runs this command; rank 0 prints the results.
     quiet = int(os.environ.get("RANK", "0")) != 0
     try:
         with open(os.devnull, "w") as devnull, (contextlib.redirect_stdout(devnull) if quiet
-                                                 else contextlib.nullcontext()), _one_line_warnings(verbose):
+                                                 else contextlib.nullcontext()), one_line_warnings(verbose):
             return handler(args)
     except KeyboardInterrupt:
         hint = " (run the same command again to resume from --checkpoint-dir)" if getattr(
             args, "checkpoint_dir", None) else ""
         print(f"\noptimum-recon: interrupted; nothing was saved that was not complete{hint}.", file=sys.stderr)
         return 130
-    except _user_errors() as err:
+    except user_errors() as err:
         if verbose:
             traceback.print_exc()
-        print(f"optimum-recon: error: {_error_line(err)}", file=sys.stderr)
+        print(f"optimum-recon: error: {error_line(err)}", file=sys.stderr)
         return 2
 
 
