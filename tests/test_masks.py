@@ -182,7 +182,7 @@ def test_engine_warns_when_dampening_was_raised(monkeypatch):
 
 
 def test_unknown_method_lists_valid_ones():
-    with pytest.raises(ValueError, match="choose one of magnitude, sparsegpt, wanda"):
+    with pytest.raises(ValueError, match="choose one of alps, magnitude, sparsegpt, wanda"):
         get_mask_method("obs")
 
 

@@ -13,7 +13,7 @@ every rank computes the same allocation.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,8 +22,11 @@ from ..masks.allocation import AllocationError, outlier_ratio, owl_sparsities, t
 from ..modeling.offload import execution_device, onload
 from .steps import StatisticsHooks
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .state import RunState
 
-def allocate(run) -> tuple[dict[str, int], dict[str, Any]]:
+
+def allocate(run: "RunState") -> tuple[dict[str, int], dict[str, Any]]:
     """Zeros per pruned layer (by full module name), and what the report records about the allocation.
 
     Args:
@@ -69,7 +72,7 @@ def allocate(run) -> tuple[dict[str, int], dict[str, Any]]:
 
 
 @torch.no_grad()
-def _outlier_ratios(run) -> list[float]:
+def _outlier_ratios(run: "RunState") -> list[float]:
     """Each block's OWL outlier ratio, on the dense model's calibration inputs (see the module docstring)."""
     wanda = get_mask_method("wanda")
     split, store = run.calib, run.store
