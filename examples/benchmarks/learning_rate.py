@@ -31,7 +31,8 @@ def run(args, lr: float | None) -> dict:
 
     # fixed rates as the paper trains (unguarded); "auto" is the library's default (guarded, lr chosen per block)
     guard = None if lr == "auto" else False
-    training = {"epochs": 0} if lr is None else {"epochs": args.epochs, "lr": lr, "guard": guard}
+    # batch 8 as every row of the sweep was measured (the library's default became 4 later)
+    training = {"epochs": 0} if lr is None else {"epochs": args.epochs, "lr": lr, "guard": guard, "batch_size": 8}
     config = PruningConfig(method=args.method, sparsity=0.5, reconstruction="layer" if lr is None else "block",
                            propagation="global", **training,
                            calibration=CalibrationConfig(source=args.source, num_samples=args.num_samples,

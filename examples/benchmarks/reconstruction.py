@@ -38,9 +38,9 @@ from _common import HERE, add_data_dir_argument, offline_env, run_metadata, writ
 
 # The rows measured before the guard existed train at the paper's fixed lr without it (as they were run);
 # "default" is PruningConfig's defaults (guarded, lr="auto") with nothing else set.
-_FIXED = {"lr": 2e-4, "guard": False}
+_FIXED = {"lr": 2e-4, "guard": False, "batch_size": 8}
 ROWS = {  # name -> (reconstruction, propagation, extra config)
-    "LR": ("layer", "global", {}),
+    "LR": ("layer", "global", {"batch_size": 8}),  # (forward passes in batches of 8, as the rows were measured)
     "BR": ("block", "local", _FIXED),
     "BR+GP": ("block", "global", _FIXED),
     "BR+GP+CR": ("cross_block", "global", _FIXED),

@@ -3,7 +3,8 @@
 Every parameter of the window is trained (linear weights, norm weights, biases) with AdamW and a linear
 decay of the learning rate to zero, minimizing the error of the window's output (``loss``: the mean squared
 error as in the paper, or each token's error relative to its size, see `base.py`). The paper's settings: betas
-(0.9, 0.95), no weight decay, batch 8, 10 epochs, no clipping; its lr 2e-4 is what ``lr="auto"`` gives
+(0.9, 0.95), no weight decay, batch 8 (here 4 by default: see `PruningConfig.batch_size`), 10 epochs, no clipping;
+its lr 2e-4 is what ``lr="auto"`` gives
 LLaMA-7B-sized weights. With held-out windows every epoch is judged on them (`guard.py`):
 the best epoch's weights are kept, training stops early, and ``lr="auto"`` halves a rate that overshoots. Masks
 stay fixed: gradients of pruned weights are zeroed and the weights are multiplied by their mask after
