@@ -16,6 +16,9 @@ _TARGET = "transformers.quantizers.auto"
 
 
 def _register() -> None:
+    quantizer = sys.modules.get(__package__ + ".hub.quantizer")
+    if quantizer is not None and not hasattr(quantizer, "register"):
+        return  # hub/quantizer.py itself is importing transformers' registry (imported first): it registers at its end
     from .hub.quantizer import register
 
     register()

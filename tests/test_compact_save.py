@@ -186,6 +186,17 @@ def test_without_optimum_recon_imported_loading_fails_and_names_it(tmp_path):
     assert imported.returncode == 0, imported.stderr[-2000:]
 
 
+def test_importing_the_quantizer_module_first_registers_it(tmp_path):
+    # `from optimum_recon.hub.quantizer import ...` before anything else imports transformers' registry from inside
+    # the half-imported module; the import hook must leave the registration to the module instead of failing
+    _pruned().save_pretrained(tmp_path / "c", sparse_format="bitmask")
+    code = ("from optimum_recon.hub.quantizer import SparseCheckpointConfig; import sys; "
+            "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_cli_saves_compact_and_decompresses(tmp_path, tiny_model_dir, text_file, capsys):
     out, dense = tmp_path / "compact", tmp_path / "dense"
     assert main(["prune", "--model", str(tiny_model_dir), "--reconstruction", "layer", "--method", "magnitude",

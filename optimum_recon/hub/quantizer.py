@@ -111,3 +111,9 @@ def register() -> bool:
         register_quantization_config(QUANT_METHOD)(SparseCheckpointConfig)
         register_quantizer(QUANT_METHOD)(SparseCheckpointQuantizer)
     return True
+
+
+# Importing this module imports transformers' quantizer registry; when it is imported before `optimum_recon` has
+# registered (``from optimum_recon.hub.quantizer import ...`` first), the import hook of `sparse_loading.py` finds
+# it half-initialized and leaves the registration to this line.
+register()
