@@ -144,19 +144,15 @@ def test_a_format_version_from_the_future_says_to_upgrade():
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Decode in chunks of 64 entries on 2 threads, so that small weights take the parallel path."""
+    """Decode in chunks of 64 entries, so that small weights take the chunked path."""
     from optimum_recon.hub import sparse_format
 
     monkeypatch.setattr(sparse_format, "_CHUNK", 64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("pattern", [None, (2, 4), (4, 8), (8, 16)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decoding_in_parallel_chunks_is_bit_identical(small_chunks, pattern, dtype):
+def test_decoding_in_chunks_is_bit_identical(small_chunks, pattern, dtype):
     # 13 x 48 entries: 10 chunks of 64 with a short last one (and for N:M a last chunk of fewer groups)
     w = _nm(dtype, *pattern, rows=13, cols=48) if pattern else _unstructured(dtype, rows=13, cols=48)
     parts = encode(w, pattern)
@@ -172,3 +168,17 @@ def test_a_bad_group_code_in_a_later_chunk_is_an_error(small_chunks):
     parts["meta"][7] = _checksum(parts["values"], parts["mask"])  # a consistent checksum: only the code is wrong
     with pytest.raises(SparseFormatError, match="lm.weight: a group code is out of range"):
         decode(parts["values"], parts["mask"], parts["meta"], name="lm.weight")
+
+
+@pytest.mark.parametrize("change", [+1, -1])
+def test_a_mask_that_keeps_more_or_fewer_entries_than_values_is_an_error(small_chunks, change):
+    from optimum_recon.hub.sparse_format import _checksum
+
+    parts = {k: v.clone() for k, v in encode(_unstructured(torch.float32, rows=13, cols=48)).items()}
+    mask = parts["mask"]
+    byte = int(torch.nonzero(mask != (255 if change > 0 else 0))[-1])  # a byte in the last chunk with room for it
+    bit = next(b for b in range(8) if bool(mask[byte] >> b & 1) != (change > 0))
+    mask[byte] ^= 1 << bit  # one entry more (or fewer) kept than there are values
+    parts["meta"][7] = _checksum(parts["values"], mask)  # a consistent checksum: only the count is wrong
+    with pytest.raises(SparseFormatError, match="lm.weight: its mask keeps"):
+        decode(parts["values"], mask, parts["meta"], name="lm.weight")

@@ -63,7 +63,6 @@ def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
     return ((packed.view(-1, 1) >> shifts) & 1).reshape(-1)[:count].bool()
 
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)  # ones in each byte value
 
 
 def _fields_to_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
@@ -201,20 +200,17 @@ def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows
         expected = (rows * cols + 7) // 8
         if mask.numel() != expected:
             raise SparseFormatError(f"{name}: its mask has {mask.numel()} bytes, {expected} expected (corrupted).")
-        ones = _POPCOUNT[mask.int()]  # (bytes,) kept entries per mask byte: counted on the packed bytes, 8x less work
-        kept = int(ones.sum(dtype=torch.int64))
-        if kept != count:
-            raise SparseFormatError(f"{name}: its mask keeps {kept} entries for {count} values.")
-        # chunks of _CHUNK entries = _CHUNK / 8 mask bytes; a chunk's values start after the ones of those before it
-        per_chunk = [int(c.sum(dtype=torch.int64)) for c in ones.split(_CHUNK // 8)]
-        starts = [0] + torch.tensor(per_chunk, dtype=torch.int64).cumsum(0).tolist()
-
-        def bitmask_chunk(i: int) -> None:
-            first, last = i * _CHUNK, min((i + 1) * _CHUNK, rows * cols)
+        taken = 0  # values used by the chunks before; a chunk's values follow them
+        for first in range(0, rows * cols, _CHUNK):
+            last = min(first + _CHUNK, rows * cols)
             keep = np.unpackbits(packed[first // 8:(last + 7) // 8], count=last - first, bitorder="little")
-            out[first:last][np.flatnonzero(keep.view(bool))] = kept_values[starts[i]:starts[i + 1]]
-
-        _in_parallel(bitmask_chunk, len(per_chunk))
+            where = np.flatnonzero(keep.view(bool))
+            if taken + where.size > count:
+                raise SparseFormatError(f"{name}: its mask keeps more entries than its {count} values (corrupted).")
+            out[first:last][where] = kept_values[taken:taken + where.size]
+            taken += where.size
+        if taken != count:
+            raise SparseFormatError(f"{name}: its mask keeps {taken} entries for {count} values (corrupted).")
         return dense.view(rows, cols)
     if not (0 < n <= m <= MAX_GROUP) or cols % m:
         raise SparseFormatError(f"{name}: pattern {n}:{m} does not fit {cols} columns (corrupted).")
@@ -226,24 +222,17 @@ def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows
                                 f"of {n}:{m} (corrupted).")
     positions = _combinations(n, m)[0].numpy()  # (C(m, n), m) bool
     per_chunk = max(8, _CHUNK // m // 8 * 8)  # groups per chunk: a multiple of 8, so every chunk starts on a mask byte
-    out_of_range = []
-
-    def nm_chunk(i: int) -> None:
-        first, last = i * per_chunk, min((i + 1) * per_chunk, groups)
+    for first in range(0, groups, per_chunk):
+        last = min(first + per_chunk, groups)
         bits = np.unpackbits(packed[first * width // 8:(last * width + 7) // 8], count=(last - first) * width,
                              bitorder="little").reshape(-1, width)
         codes = bits[:, 0].astype(np.uint16)
         for bit in range(1, width):  # one strided pass per bit: width <= 14
             codes |= bits[:, bit].astype(np.uint16) << bit
         if codes.size and int(codes.max()) >= positions.shape[0]:
-            out_of_range.append(i)
-            return
+            raise SparseFormatError(f"{name}: a group code is out of range for {n}:{m} (corrupted).")
         keep = np.take(positions, codes, axis=0)  # (g, m) bool: where each group's n values go
         out[first * m:last * m][np.flatnonzero(keep)] = kept_values[first * n:last * n]
-
-    _in_parallel(nm_chunk, -(-groups // per_chunk))
-    if out_of_range:
-        raise SparseFormatError(f"{name}: a group code is out of range for {n}:{m} (corrupted).")
     return dense.view(rows, cols)
 
 
@@ -260,21 +249,9 @@ def _as_bits(tensor: torch.Tensor) -> np.ndarray:
 # `unpackbits` (a table lookup), `flatnonzero` and integer-index assignment take a third of its time on one thread
 # (16.8M bfloat16 weights at 50%: 0.023 s against 0.076 s; 2:4 0.05 s against 0.14 s). Chunks of _CHUNK entries
 # (a multiple of 8: every chunk starts on a mask byte) keep the temporaries (the kept positions as int64) at 32 MB
-# and in cache; the chunks run on up to torch's intra-op thread count of threads, which helps where numpy releases
-# the GIL.
+# and in cache. They run one after the other: threads over chunks (tried) gain nothing on 2 cores, where the
+# checksum's thread and transformers' loader threads already use the second core.
 _CHUNK = 1 << 22
-
-
-def _in_parallel(work, chunks: int) -> None:
-    """Run ``work(i)`` for i in range(chunks), on up to torch's intra-op thread count of threads."""
-    workers = min(chunks, torch.get_num_threads())
-    if workers <= 1:
-        for i in range(chunks):
-            work(i)
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="optimum-recon-decode") as pool:
-        for future in [pool.submit(work, i) for i in range(chunks)]:
-            future.result()  # (re-raises a chunk's error)
 
 
 def decode_stored(name: str, weight: torch.Tensor, mask: torch.Tensor | None, meta: torch.Tensor | None
