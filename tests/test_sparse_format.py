@@ -182,3 +182,13 @@ def test_a_mask_that_keeps_more_or_fewer_entries_than_values_is_an_error(small_c
     parts["meta"][7] = _checksum(parts["values"], mask)  # a consistent checksum: only the count is wrong
     with pytest.raises(SparseFormatError, match="lm.weight: its mask keeps"):
         decode(parts["values"], mask, parts["meta"], name="lm.weight")
+
+
+@pytest.mark.parametrize("width", range(1, 15))
+def test_fields_are_read_back_from_the_packed_stream(width):
+    from optimum_recon.hub.sparse_format import _codes, _fields_to_bits
+
+    count = 8 * 5 + 3  # a last run of 8 fields that is not full
+    fields = torch.randint(0, 1 << width, (count,), generator=torch.Generator().manual_seed(width))
+    packed = pack_bits(_fields_to_bits(fields, width))
+    assert torch.equal(torch.from_numpy(_codes(packed.numpy(), count, width).astype("int64")), fields)

@@ -224,16 +224,34 @@ def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows
     per_chunk = max(8, _CHUNK // m // 8 * 8)  # groups per chunk: a multiple of 8, so every chunk starts on a mask byte
     for first in range(0, groups, per_chunk):
         last = min(first + per_chunk, groups)
-        bits = np.unpackbits(packed[first * width // 8:(last * width + 7) // 8], count=(last - first) * width,
-                             bitorder="little").reshape(-1, width)
-        codes = bits[:, 0].astype(np.uint16)
-        for bit in range(1, width):  # one strided pass per bit: width <= 14
-            codes |= bits[:, bit].astype(np.uint16) << bit
+        codes = _codes(packed[first * width // 8:(last * width + 7) // 8], last - first, width)
         if codes.size and int(codes.max()) >= positions.shape[0]:
             raise SparseFormatError(f"{name}: a group code is out of range for {n}:{m} (corrupted).")
         keep = np.take(positions, codes, axis=0)  # (g, m) bool: where each group's n values go
         out[first * m:last * m][np.flatnonzero(keep)] = kept_values[first * n:last * n]
     return dense.view(rows, cols)
+
+
+def _codes(packed: np.ndarray, count: int, width: int) -> np.ndarray:
+    """The first ``count`` ``width``-bit fields of a packed little-endian bit stream that starts on a field, as
+    integers. Up to 8 bits wide, 8 fields fill exactly ``width`` bytes: each run of ``width`` bytes is read as one
+    64-bit integer and cut into its 8 fields (a few passes over the fields); wider fields go bit by bit."""
+    if width <= 8:
+        runs = -(-count // 8)
+        stream = np.zeros(runs * width, np.uint8)
+        stream[:packed.size] = packed
+        stream = stream.reshape(runs, width)
+        word = stream[:, 0].astype(np.uint64)
+        for byte in range(1, width):
+            word |= stream[:, byte].astype(np.uint64) << np.uint64(8 * byte)
+        shifts = np.arange(0, 8 * width, width, dtype=np.uint64)
+        fields = (word[:, None] >> shifts) & np.uint64((1 << width) - 1)
+        return fields.reshape(-1)[:count].astype(np.uint8)
+    bits = np.unpackbits(packed, count=count * width, bitorder="little").reshape(-1, width)
+    codes = bits[:, 0].astype(np.uint16)
+    for bit in range(1, width):  # one strided pass per bit: width <= 14
+        codes |= bits[:, bit].astype(np.uint16) << bit
+    return codes
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
