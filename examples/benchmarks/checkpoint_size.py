@@ -10,7 +10,8 @@ Reported: bytes of the pruned linear layers (compact / dense: the goals are <= 0
 2:4), size of the whole folder, save time, and, each in a fresh process, the time of `from_pretrained` and until the
 first logits ("ready": a dense file is memory-mapped and read lazily, see `measure_load`), peak RSS when ready and
 after generating 64 tokens (greedy), decode tokens/s, and a hash of the loaded weights and of the logits (dense with
-zeros and compact must agree bit for bit). Timings: compare ratios within one run.
+zeros and compact must agree bit for bit). Load times are the best of `--repeats` loads taken after every save is on
+disk, the folders in turn. Timings: compare ratios within one run.
 
     python examples/benchmarks/checkpoint_size.py [--models bundled,big] [--work-dir /tmp/optimum-recon-size]
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -150,7 +152,33 @@ def run_model(name: str, args) -> list[dict]:
             rows.append(row)
             print({k: v for k, v in row.items() if "sha" not in k}, flush=True)
         del pruner
+    _remeasure(rows, source, args)
     return rows
+
+
+def _folder(row: dict, source: Path, args) -> Path:
+    if row["setting"] == "dense":
+        return source
+    return Path(args.work_dir) / f"{row['model']}-{row['setting'].replace(':', '-')}-{row['format']}"
+
+
+def _remeasure(rows: list[dict], source: Path, args) -> None:
+    """Time every load again ``--repeats`` times, the folders in turn, once every save is on disk, and keep the best.
+    Why: a load right after its own save competes with the kernel writing that save back to disk (measured: the same
+    dense folder took 2.1 s and 6.1 s to be ready), so single loads taken between saves compare noise."""
+    if args.repeats < 1:
+        return
+    os.sync()
+    for row in rows:
+        row["first_load_s"], row["first_ready_s"] = row["load_s"], row["ready_s"]
+        row["ready_s_runs"] = []
+    for _ in range(args.repeats):
+        for row in rows:
+            timing = _load_in_subprocess(_folder(row, source, args))
+            row["ready_s_runs"].append(timing["ready_s"])
+            if timing["ready_s"] <= min(row["ready_s_runs"]):
+                row["load_s"], row["ready_s"] = timing["load_s"], timing["ready_s"]
+    print({f"{r['setting']} {r['format']}": r["ready_s_runs"] for r in rows}, flush=True)
 
 
 def table(rows: list[dict]) -> str:
@@ -184,6 +212,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny random model instead of the ~1.2B one (a smoke "
                         "test of this script)")
     parser.add_argument("--output", default=str(HERE / "results" / "checkpoint_size.json"))
+    parser.add_argument("--repeats", type=int, default=3, help="times every load is measured again after all saves, "
+                        "the best kept (0: only the load right after each save)")
     parser.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_load:
