@@ -57,23 +57,9 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (bits.view(-1, 8) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
 
 
-def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """The first ``count`` bits of ``pack_bits``' output, as bool."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.view(-1, 1) >> shifts) & 1).reshape(-1)[:count].bool()
-
-
-
-
 def _fields_to_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
     shifts = torch.arange(width, dtype=torch.int64, device=codes.device)
     return (codes.view(-1, 1) >> shifts) & 1
-
-
-def _bits_to_fields(bits: torch.Tensor, width: int) -> torch.Tensor:
-    # int32 arithmetic (width <= 14): a quarter of int64's memory traffic on the load path
-    weights = torch.tensor([1 << i for i in range(width)], dtype=torch.int32, device=bits.device)
-    return (bits.view(-1, width).to(torch.int32) * weights).sum(1, dtype=torch.int32)
 
 
 # --- N:M combinations ---------------------------------------------------------------------------------------
