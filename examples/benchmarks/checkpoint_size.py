@@ -138,7 +138,7 @@ def run_model(name: str, args) -> list[dict]:
         ids = torch.randint(0, pruner.model.config.vocab_size, (2, 32))
         pruner.report = prune_model(pruner.model, pruner.config, CalibrationSet(ids), Runtime(progress=False))
         for form in ("dense", "bitmask"):
-            out = Path(args.work_dir) / f"{name}-{setting.replace(':', '-')}-{form}"
+            out = _folder({"model": name, "setting": setting, "format": form}, source, args)
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
             pruner.save_pretrained(out, sparse_format=None if form == "dense" else form)
@@ -157,6 +157,7 @@ def run_model(name: str, args) -> list[dict]:
 
 
 def _folder(row: dict, source: Path, args) -> Path:
+    """Where a row's checkpoint is saved (the unpruned dense row's is the source itself)."""
     if row["setting"] == "dense":
         return source
     return Path(args.work_dir) / f"{row['model']}-{row['setting'].replace(':', '-')}-{row['format']}"
