@@ -174,15 +174,18 @@ def test_a_future_format_version_says_to_upgrade(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "c")
 
 
+def _load_in_fresh_python(folder, first_line: str = "") -> subprocess.CompletedProcess:
+    """`AutoModelForCausalLM.from_pretrained(folder)` in a new interpreter, after ``first_line`` (an import)."""
+    code = (first_line + "; " if first_line else "") + (
+        "import sys; from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])")
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
+
+
 def test_without_optimum_recon_imported_loading_fails_and_names_it(tmp_path):
     _pruned().save_pretrained(tmp_path / "c", sparse_format="bitmask")
-    code = ("from transformers import AutoModelForCausalLM; import sys; "
-            "AutoModelForCausalLM.from_pretrained(sys.argv[1])")
-    plain = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], capture_output=True, text=True,
-                           timeout=300)
+    plain = _load_in_fresh_python(tmp_path / "c")
     assert plain.returncode != 0 and "optimum_recon" in plain.stderr
-    imported = subprocess.run([sys.executable, "-c", "import optimum_recon; " + code, str(tmp_path / "c")],
-                              capture_output=True, text=True, timeout=300)
+    imported = _load_in_fresh_python(tmp_path / "c", "import optimum_recon")
     assert imported.returncode == 0, imported.stderr[-2000:]
 
 
@@ -190,10 +193,7 @@ def test_importing_the_quantizer_module_first_registers_it(tmp_path):
     # `from optimum_recon.hub.quantizer import ...` before anything else imports transformers' registry from inside
     # the half-imported module; the import hook must leave the registration to the module instead of failing
     _pruned().save_pretrained(tmp_path / "c", sparse_format="bitmask")
-    code = ("from optimum_recon.hub.quantizer import SparseCheckpointConfig; import sys; "
-            "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained(sys.argv[1])")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], capture_output=True, text=True,
-                            timeout=300)
+    result = _load_in_fresh_python(tmp_path / "c", "from optimum_recon.hub.quantizer import SparseCheckpointConfig")
     assert result.returncode == 0, result.stderr[-2000:]
 
 
