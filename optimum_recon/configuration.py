@@ -209,9 +209,7 @@ class PruningConfig:
         loss: BR/CR: what training minimizes and the guard judges: `relative` (default: each token's squared error
             divided by its target's squared norm, averaged over tokens, so that the few tokens with massive
             activations do not outweigh all the others) or `mse` (the paper's mean squared error over all entries).
-        batch_size: Calibration windows per training step and per forward pass. Default 4 (the paper's 8 over its
-            256 windows makes 32 steps per epoch; over the 64-128 windows a CPU or a single GPU affords, 4 gives 16-32
-            steps, and measured on the bundled model it reconstructs better than 8 at the same cost).
+        batch_size: Calibration windows per training step and per forward pass (4; the paper's 8 was over 256 windows).
         adam_betas: BR/CR: AdamW betas.
         weight_decay: BR/CR: AdamW weight decay (0 keeps pruned weights trivially fixed).
         window: CR: consecutive blocks trained jointly; windows slide by one block.
