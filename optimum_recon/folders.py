@@ -299,3 +299,37 @@ def atomic_directory(
 def folder_size(folder: str | os.PathLike) -> int:
     """Bytes of the files under ``folder``."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested dict / list / tuple) structure: what saving it needs on disk, roughly."""
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 0
+
+
+def write_error(err: Exception, path: str | os.PathLike, needed: int, what: str, hint: str) -> Exception:
+    """A failed write as an `OSError` that names the file, the bytes it needs and the bytes free, or ``err`` itself
+    when it is not a write failure.
+
+    ``torch.save`` reports a full disk as a bare ``RuntimeError`` from its C++ writer ("unexpected pos ...",
+    "basic_ios::clear: iostream error"), which says neither where nor why; an `OSError` keeps its errno."""
+    path = Path(path)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    io_failure = isinstance(err, OSError) or any(
+        s in str(err) for s in ("unexpected pos", "iostream error", "file write failed", "No space left"))
+    if not io_failure and (free is None or free >= needed):
+        return err
+    space = f"it needs about {needed / 2**20:,.0f} MiB"
+    if free is not None:
+        space += f" and {free / 2**20:,.0f} MiB are free on that disk"
+    reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1][:200]
+    code = errno.ENOSPC if free is not None and free < needed else getattr(err, "errno", None) or errno.EIO
+    return OSError(code, f"cannot write {what} to {path} ({reason}); {space}. {hint}")

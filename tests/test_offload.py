@@ -203,12 +203,12 @@ def test_an_interruption_while_saving_keeps_the_previous_checkpoint(tmp_path, mo
     real_atomic = checkpoint._atomic
     states = []
 
-    def crash_on_third_state(path, write):
+    def crash_on_third_state(path, write, content=None):
         if path.name == checkpoint.STATE:
             states.append(path)
             if len(states) == 3:
                 raise KeyboardInterrupt
-        real_atomic(path, write)
+        real_atomic(path, write, content)
 
     monkeypatch.setattr(checkpoint, "_atomic", crash_on_third_state)
     with pytest.raises(KeyboardInterrupt):

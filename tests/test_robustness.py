@@ -358,6 +358,39 @@ def test_generate_calibration_into_a_user_folder(user, tiny_model_dir, capsys):
     _one_line_error(err, "already holds files")
 
 
+def test_a_full_disk_while_checkpointing_names_the_folder_and_the_space(user, tiny_model_dir, text_file, capsys,
+                                                                          monkeypatch):
+    """torch.save reports a full disk as a bare RuntimeError from its C++ writer; the user must learn which file,
+    how much it needed and how much is free, and the checkpoint written before must stay usable."""
+    import optimum_recon.engine.checkpoint as checkpoint
+
+    real_save, calls = torch.save, []
+
+    def save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 1:  # the first block's activations are written, the second block's fail
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 179315008 vs 179314896")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    monkeypatch.setattr("optimum_recon.folders.shutil.disk_usage",
+                        lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    ck = user / "ck"
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--checkpoint-dir", ck, "--output", user / "out"), capsys)
+    assert code == 2
+    _one_line_error(err, "cannot write a checkpoint file to")
+    assert str(ck) in err and "MiB are free" in err and "unexpected pos" in err
+    assert not (user / "out").exists()
+    state = json.loads((ck / "state.json").read_text())
+    assert state["next_block"] == 1 and (ck / state["activations"]).is_file()
+    assert not [p for p in ck.iterdir() if p.name.startswith(".activations")]  # no half-written file left
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    code, out, err = _run(_prune(tiny_model_dir, text_file, "--checkpoint-dir", ck, "--output", user / "out"), capsys)
+    assert code == 0 and "resum" in (out + err).lower(), err
+
+
 # --- 8. what a newcomer reads: one clean line per notice, results once --------------------------------------
 def test_notices_are_one_clean_line_each(tmp_path, tiny_model_dir, capsys):
     code, out, err = _run(["prune", "--model", tiny_model_dir, "--calibration", "c4", "--num-samples", "2",

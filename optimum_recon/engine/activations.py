@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from ..data.default_model import cache_dir
+from ..folders import nbytes, write_error
 
 
 class DiskTensorList:
@@ -32,14 +33,13 @@ class DiskTensorList:
 
     def append(self, tensor: torch.Tensor) -> None:
         path = self.folder / f"{self._tag}-{len(self._paths)}.pt"
+        tensor = tensor.detach().contiguous()
         try:
-            torch.save(tensor.detach().contiguous(), path)
-        except OSError as err:
-            raise OSError(
-                f"cannot write activations to {self.folder} ({err.strerror or err}); each batch needs "
-                f"{tensor.numel() * tensor.element_size() / 2**20:,.0f} MiB. Free space or choose another "
-                "activation folder."
-            ) from err
+            torch.save(tensor, path)
+        except (OSError, RuntimeError) as err:
+            path.unlink(missing_ok=True)
+            raise write_error(err, path, nbytes(tensor), "activations",
+                              "Free space or choose another activation folder.") from err
         self._paths.append(path)
 
     def __len__(self) -> int:

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..configuration import PruningConfig
-from ..folders import MARKER, check_output_dir, read_marker, write_marker
+from ..folders import MARKER, check_output_dir, nbytes, read_marker, write_error, write_marker
 
 STATE = "state.json"
 # every file a checkpoint folder can hold (per-rank sub-folders in distributed runs; .name-xxxx: an interrupted write)
@@ -101,11 +101,18 @@ def fingerprint(config: PruningConfig, model, input_ids: torch.Tensor, heldout_i
     return digest.hexdigest()
 
 
-def _atomic(path: Path, write) -> None:
+def _atomic(path: Path, write, content: Any = None) -> None:
+    """Write ``path`` through a temporary sibling that replaces it only once complete; a failed write (a full disk)
+    raises an `OSError` naming the file and the space it needs (``content``: what is being written)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, RuntimeError) as err:
+            raise write_error(err, path, nbytes(content), "a checkpoint file",
+                              "Free space or pass another checkpoint_dir; the checkpoint as of the last finished "
+                              "block is intact.") from err
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -155,12 +162,14 @@ class Checkpointer:
         {depth: [batch, ...]}}``), the report, and (CR) the window in flight: JSON-able ``window`` and
         ``window_tensors`` (nested dicts of tensors), and the ``seconds`` the run has taken so far. Then point the
         state at them."""
-        _atomic(self.folder / f"block-{index}.safetensors", lambda tmp: save_file(cpu_tensors(block.state_dict()), tmp))
+        weights = cpu_tensors(block.state_dict())
+        _atomic(self.folder / f"block-{index}.safetensors", lambda tmp: save_file(weights, tmp), weights)
         files = {"activations": f"activations-{next_block}.pt"}
-        _atomic(self.folder / files["activations"], lambda tmp: torch.save(activations, tmp))
+        _atomic(self.folder / files["activations"], lambda tmp: torch.save(activations, tmp), activations)
         if window_tensors is not None:
             files["window_tensors"] = f"window-{next_block}.pt"
-            _atomic(self.folder / files["window_tensors"], lambda tmp: torch.save(window_tensors, tmp))
+            _atomic(self.folder / files["window_tensors"], lambda tmp: torch.save(window_tensors, tmp),
+                    window_tensors)
         state = {"key": self.key, "next_block": next_block, "report": report, "window": window, "seconds": seconds,
                  **files}
         _atomic(self.folder / STATE, lambda tmp: Path(tmp).write_text(json.dumps(state)))
