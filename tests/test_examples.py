@@ -39,6 +39,27 @@ def test_offload_benchmark_tiny(tmp_path):
     assert "saved sparsity" in result.stdout
 
 
+def test_checkpoint_size_benchmark_tiny(tmp_path):
+    """The checkpoint benchmark on a tiny random Llama, 2:4 only (each load is a new process): compact and dense with
+    zeros load to the same weights and logits, and the compact linear bytes meet the format's arithmetic."""
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "checkpoint_size.py"
+    output = tmp_path / "size.json"
+    result = subprocess.run([sys.executable, str(script), "--models", "big", "--tiny", "--settings", "2:4",
+                             "--repeats", "0", "--work-dir", str(tmp_path / "work"), "--output", str(output)],
+                            capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OPTIMUM_RECON_CACHE=str(tmp_path / "cache")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(output.read_text())["rows"]
+    assert [(r["setting"], r["format"]) for r in rows] == [("dense", "dense"), ("2:4", "dense"), ("2:4", "bitmask")]
+    dense, compact = rows[1:]
+    assert (compact["logits_sha256"], compact["weights_sha256"]) == (dense["logits_sha256"], dense["weights_sha256"])
+    assert compact["folder_bytes"] < dense["folder_bytes"] and compact["linear_ratio"] <= 0.56
+    bad = subprocess.run([sys.executable, str(script), "--settings", "50%,40%"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown 40%" in bad.stderr
+
+
 def test_lora_memory_benchmark_tiny(tmp_path):
     """LoRA's optimizer state is measured from the optimizer and is the low-rank factors' (2 Adam moments each)."""
     import json

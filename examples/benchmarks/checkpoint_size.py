@@ -131,7 +131,7 @@ def run_model(name: str, args) -> list[dict]:
     rows = [{"model": name, "setting": "dense", "format": "dense", "folder_bytes": _size(source),
              "weights_bytes": _weights_size(source), **_load_in_subprocess(source)}]
     print(rows[-1], flush=True)
-    for setting, options in SETTINGS.items():
+    for setting, options in ((s, SETTINGS[s]) for s in args.settings.split(",")):
         pruner = ReconPruner.from_pretrained(str(source), PruningConfig(method="magnitude", reconstruction="layer",
                                                                         **options), read_calibration=False)
         torch.manual_seed(0)
@@ -215,8 +215,14 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "results" / "checkpoint_size.json"))
     parser.add_argument("--repeats", type=int, default=3, help="times every load is measured again after all saves, "
                         "the best kept (0: only the load right after each save)")
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"the pruned settings to save and load, of {', '.join(SETTINGS)} (fewer settings: fewer "
+                        "folders competing for the page cache, see --repeats)")
     parser.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
+    if unknown:
+        parser.error(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
     if args.measure_load:
         print(json.dumps(measure_load(args.measure_load)))
         return
