@@ -282,9 +282,9 @@ def atomic_directory(
         os.replace(tmp, target)
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
-    except OSError as err:
+    except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
+        if disk_full(err):
             raise OSError(
                 errno.ENOSPC,
                 f"no space left on the device while saving to {str(target)!r}; nothing was replaced. Free space "
@@ -294,6 +294,15 @@ def atomic_directory(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether ``err`` reports a full disk: an `OSError` with ENOSPC, or the text of one wrapped by a library that
+    raises its own type (safetensors' ``SafetensorError`` says "No space left on device (os error 28)")."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    text = str(err)
+    return "No space left on device" in text or "os error 28" in text
 
 
 def folder_size(folder: str | os.PathLike) -> int:
@@ -323,8 +332,8 @@ def write_error(err: Exception, path: str | os.PathLike, needed: int, what: str,
         free = shutil.disk_usage(path.parent).free
     except OSError:
         free = None
-    io_failure = isinstance(err, OSError) or any(
-        s in str(err) for s in ("unexpected pos", "iostream error", "file write failed", "No space left"))
+    io_failure = isinstance(err, OSError) or disk_full(err) or any(
+        s in str(err) for s in ("unexpected pos", "iostream error", "file write failed"))
     if not io_failure and (free is None or free >= needed):
         return err
     space = f"it needs about {needed / 2**20:,.0f} MiB"

@@ -391,6 +391,27 @@ def test_a_full_disk_while_checkpointing_names_the_folder_and_the_space(user, ti
     assert code == 0 and "resum" in (out + err).lower(), err
 
 
+def test_a_full_disk_while_saving_replaces_nothing_and_says_so(user, tiny_model_dir, text_file, capsys, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError: still one line that says so, no partial folder,
+    and the folder saved before is intact."""
+    from safetensors import SafetensorError
+
+    out = user / "out"
+    code, _, _ = _run(_prune(tiny_model_dir, text_file, "--output", out), capsys)
+    assert code == 0
+    before = _snapshot(out)
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", full)
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", out), capsys)
+    assert code == 2
+    _one_line_error(err, "no space left on the device while saving to")
+    assert "nothing was replaced" in err and _snapshot(out) == before
+    assert [p.name for p in user.iterdir() if ".partial-" in p.name] == []
+
+
 # --- 8. what a newcomer reads: one clean line per notice, results once --------------------------------------
 def test_notices_are_one_clean_line_each(tmp_path, tiny_model_dir, capsys):
     code, out, err = _run(["prune", "--model", tiny_model_dir, "--calibration", "c4", "--num-samples", "2",
