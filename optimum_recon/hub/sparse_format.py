@@ -180,7 +180,9 @@ def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows
             count: int, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
     """The dense (rows, cols) weight from checked-in-size values and mask (`decode`'s second half), in chunks that
     run on ``pool``'s threads when given."""
-    dense = values.new_zeros(rows * cols)
+    # not zeroed here: each chunk zeroes its own slice on its thread (fresh pages are faulted in and zeroed by the
+    # threads in parallel, instead of one serial pass over the whole weight first)
+    dense = values.new_empty(rows * cols)
     # the bits are moved, never converted: every dtype is read and written as the integer type of its size
     out, kept_values, packed = _as_bits(dense), _as_bits(values), mask.numpy()
     total = rows * cols
@@ -202,6 +204,7 @@ def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows
         def bitmask_chunk(index: int) -> None:
             first, last = starts[index], min(starts[index] + size, total)
             keep = np.unpackbits(packed[first // 8:(last + 7) // 8], count=last - first, bitorder="little")
+            out[first:last] = 0
             out[first:last][np.flatnonzero(keep.view(bool))] = kept_values[firsts[index]:firsts[index + 1]]
 
         _run(pool, bitmask_chunk, len(starts))
@@ -224,6 +227,7 @@ def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows
         if codes.size and int(codes.max()) >= positions.shape[0]:
             raise SparseFormatError(f"{name}: a group code is out of range for {n}:{m} (corrupted).")
         keep = np.take(positions, codes, axis=0)  # (g, m) bool: where each group's n values go
+        out[first * m:last * m] = 0
         out[first * m:last * m][np.flatnonzero(keep)] = kept_values[first * n:last * n]
 
     _run(pool, group_chunk, -(-groups // per_chunk))
