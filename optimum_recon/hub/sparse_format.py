@@ -162,10 +162,10 @@ def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: s
     # the checksum runs beside the decoding, on a thread of its own (zlib releases the GIL), and is checked before the
     # decoded weight is returned: a corrupted tensor is still an error, never a weight, and a mismatch is the error
     # reported even when the damaged mask also fails a check of the decoding
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="optimum-recon-crc") as pool:
+    with ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="optimum-recon-decode") as pool:
         checksum = pool.submit(_checksum, values, mask)
         try:
-            dense, failure = _expand(values, mask, name, kind, rows, cols, n, m, count), None
+            dense, failure = _expand(values, mask, name, kind, rows, cols, n, m, count, pool), None
         except SparseFormatError as err:
             dense, failure = None, err
         matches = checksum.result() == crc
@@ -177,45 +177,74 @@ def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: s
 
 
 def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows: int, cols: int, n: int, m: int,
-            count: int) -> torch.Tensor:
-    """The dense (rows, cols) weight from checked-in-size values and mask (`decode`'s second half)."""
-    dense = values.new_zeros(rows * cols)
+            count: int, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
+    """The dense (rows, cols) weight from checked-in-size values and mask (`decode`'s second half), in chunks that
+    run on ``pool``'s threads when given."""
+    # not zeroed here: each chunk zeroes its own slice on its thread (fresh pages are faulted in and zeroed by the
+    # threads in parallel, instead of one serial pass over the whole weight first)
+    dense = values.new_empty(rows * cols)
     # the bits are moved, never converted: every dtype is read and written as the integer type of its size
     out, kept_values, packed = _as_bits(dense), _as_bits(values), mask.numpy()
+    total = rows * cols
     if kind == BITMASK:
-        expected = (rows * cols + 7) // 8
+        expected = (total + 7) // 8
         if mask.numel() != expected:
             raise SparseFormatError(f"{name}: its mask has {mask.numel()} bytes, {expected} expected (corrupted).")
-        taken = 0  # values used by the chunks before; a chunk's values follow them
-        for first in range(0, rows * cols, _CHUNK):
-            last = min(first + _CHUNK, rows * cols)
+        size = _chunk(total)
+        starts = list(range(0, total, size))
+        # each chunk's values follow those of the chunks before it: a popcount of the mask bytes before it (the
+        # padding bits after the last entry do not count). Checked in full before anything is written.
+        kept = [int(_ONES[packed[first // 8:(first + size) // 8]].sum(dtype=np.int64)) for first in starts]
+        if total % 8:
+            kept[-1] -= int(_ONES[packed[-1] >> (total % 8)])
+        firsts = np.concatenate([[0], np.cumsum(kept)]).tolist()
+        if firsts[-1] != count:
+            raise SparseFormatError(f"{name}: its mask keeps {firsts[-1]} entries for {count} values (corrupted).")
+
+        def bitmask_chunk(index: int) -> None:
+            first, last = starts[index], min(starts[index] + size, total)
             keep = np.unpackbits(packed[first // 8:(last + 7) // 8], count=last - first, bitorder="little")
-            where = np.flatnonzero(keep.view(bool))
-            if taken + where.size > count:
-                raise SparseFormatError(f"{name}: its mask keeps more entries than its {count} values (corrupted).")
-            out[first:last][where] = kept_values[taken:taken + where.size]
-            taken += where.size
-        if taken != count:
-            raise SparseFormatError(f"{name}: its mask keeps {taken} entries for {count} values (corrupted).")
+            out[first:last] = 0
+            out[first:last][np.flatnonzero(keep.view(bool))] = kept_values[firsts[index]:firsts[index + 1]]
+
+        _run(pool, bitmask_chunk, len(starts))
         return dense.view(rows, cols)
     if not (0 < n <= m <= MAX_GROUP) or cols % m:
         raise SparseFormatError(f"{name}: pattern {n}:{m} does not fit {cols} columns (corrupted).")
-    groups = rows * cols // m
+    groups = total // m
     width = code_bits(n, m)
     expected = (groups * width + 7) // 8
     if mask.numel() != expected or count != groups * n:
         raise SparseFormatError(f"{name}: {mask.numel()} mask bytes and {count} values do not fit {groups} groups "
                                 f"of {n}:{m} (corrupted).")
     positions = _combinations(n, m)[0].numpy()  # (C(m, n), m) bool
-    per_chunk = max(8, _CHUNK // m // 8 * 8)  # groups per chunk: a multiple of 8, so every chunk starts on a mask byte
-    for first in range(0, groups, per_chunk):
+    per_chunk = max(8, _chunk(total) // m // 8 * 8)  # groups per chunk: a multiple of 8, so it starts on a mask byte
+
+    def group_chunk(index: int) -> None:
+        first = index * per_chunk
         last = min(first + per_chunk, groups)
         codes = _codes(packed[first * width // 8:(last * width + 7) // 8], last - first, width)
         if codes.size and int(codes.max()) >= positions.shape[0]:
             raise SparseFormatError(f"{name}: a group code is out of range for {n}:{m} (corrupted).")
         keep = np.take(positions, codes, axis=0)  # (g, m) bool: where each group's n values go
+        out[first * m:last * m] = 0
         out[first * m:last * m][np.flatnonzero(keep)] = kept_values[first * n:last * n]
+
+    _run(pool, group_chunk, -(-groups // per_chunk))
     return dense.view(rows, cols)
+
+
+_ONES = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)  # set bits of every byte value
+
+
+def _run(pool: ThreadPoolExecutor | None, work, count: int) -> None:
+    """``work(0) ... work(count - 1)``, on ``pool`` when given; the first failure is raised."""
+    if pool is None or count == 1:
+        for index in range(count):
+            work(index)
+        return
+    for future in [pool.submit(work, index) for index in range(count)]:
+        future.result()
 
 
 def _codes(packed: np.ndarray, count: int, width: int) -> np.ndarray:
@@ -251,11 +280,23 @@ def _as_bits(tensor: torch.Tensor) -> np.ndarray:
 # Decoding runs in numpy, chunk by chunk. Why not torch: the expansion is the bulk of a compact load, and torch's CPU
 # `masked_scatter_` is a serial loop (measured: about 200M weights/s, the same on 1 and 2 threads), while numpy's
 # `unpackbits` (a table lookup), `flatnonzero` and integer-index assignment take a third of its time on one thread
-# (16.8M bfloat16 weights at 50%: 0.023 s against 0.076 s; 2:4 0.05 s against 0.14 s). Chunks of _CHUNK entries
-# (a multiple of 8: every chunk starts on a mask byte) keep the temporaries (the kept positions as int64) at 32 MB
-# and in cache. They run one after the other: threads over chunks (tried) gain nothing on 2 cores, where the
-# checksum's thread and transformers' loader threads already use the second core.
+# (16.8M bfloat16 weights at 50%: 0.023 s against 0.076 s; 2:4 0.05 s against 0.14 s). Chunks of at most _CHUNK
+# entries (a multiple of 8: every chunk starts on a mask byte) keep the temporaries (the kept positions as int64) at
+# 32 MB and in cache; a weight is cut into at least one chunk per thread, and the chunks run on as many threads as
+# torch uses (numpy releases the GIL in these calls; on 2 cores 16.8M weights at 50% took 0.025 s against 0.032 s).
 _CHUNK = 1 << 22
+_MIN_CHUNK = 1 << 18
+
+
+def _workers() -> int:
+    return max(1, min(torch.get_num_threads(), 8))
+
+
+def _chunk(total: int) -> int:
+    """Entries per chunk for a weight of ``total`` entries: about one chunk per thread, within bounds, a multiple of
+    64 (so bitmask chunks start on a mask byte and N:M chunks on a group)."""
+    per_thread = -(-total // _workers())
+    return max(_MIN_CHUNK, min(_CHUNK, -(-per_thread // 64) * 64))
 
 
 def decode_stored(name: str, weight: torch.Tensor, mask: torch.Tensor | None, meta: torch.Tensor | None
