@@ -131,7 +131,8 @@ def run_model(name: str, args) -> list[dict]:
     rows = [{"model": name, "setting": "dense", "format": "dense", "folder_bytes": _size(source),
              "weights_bytes": _weights_size(source), **_load_in_subprocess(source)}]
     print(rows[-1], flush=True)
-    for setting, options in ((s, SETTINGS[s]) for s in args.settings.split(",")):
+    for setting in args.settings:
+        options = SETTINGS[setting]
         pruner = ReconPruner.from_pretrained(str(source), PruningConfig(method="magnitude", reconstruction="layer",
                                                                         **options), read_calibration=False)
         torch.manual_seed(0)
@@ -220,7 +221,8 @@ def main() -> None:
                         "folders competing for the page cache, see --repeats)")
     parser.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    unknown = [s for s in args.settings.split(",") if s not in SETTINGS]
+    args.settings = args.settings.split(",")
+    unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
         parser.error(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
     if args.measure_load:

@@ -177,9 +177,9 @@ def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: s
 
 
 def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows: int, cols: int, n: int, m: int,
-            count: int, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
+            count: int, pool: ThreadPoolExecutor) -> torch.Tensor:
     """The dense (rows, cols) weight from checked-in-size values and mask (`decode`'s second half), in chunks that
-    run on ``pool``'s threads when given."""
+    run on ``pool``'s threads."""
     # not zeroed here: each chunk zeroes its own slice on its thread (fresh pages are faulted in and zeroed by the
     # threads in parallel, instead of one serial pass over the whole weight first)
     dense = values.new_empty(rows * cols)
@@ -237,11 +237,11 @@ def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows
 _ONES = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)  # set bits of every byte value
 
 
-def _run(pool: ThreadPoolExecutor | None, work, count: int) -> None:
-    """``work(0) ... work(count - 1)``, on ``pool`` when given; the first failure is raised."""
-    if pool is None or count == 1:
-        for index in range(count):
-            work(index)
+def _run(pool: ThreadPoolExecutor, work, count: int) -> None:
+    """``work(0) ... work(count - 1)`` on ``pool`` (a single chunk on the calling thread); the first failure is
+    raised."""
+    if count == 1:
+        work(0)
         return
     for future in [pool.submit(work, index) for index in range(count)]:
         future.result()
