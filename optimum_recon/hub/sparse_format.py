@@ -263,8 +263,10 @@ def _codes(packed: np.ndarray, count: int, width: int) -> np.ndarray:
     fields are cut out one pass each, straight into the uint8 result; wider fields go bit by bit."""
     if width <= 8:
         runs = -(-count // 8)
-        stream = np.zeros(runs * width, np.uint8)
-        stream[:packed.size] = packed
+        stream = packed
+        if packed.size != runs * width:  # only a last chunk of fewer than 8 fields: pad it to whole runs
+            stream = np.zeros(runs * width, np.uint8)
+            stream[:packed.size] = packed
         stream = stream.reshape(runs, width)
         word_type = np.uint32 if width <= 4 else np.uint64
         word = stream[:, 0].astype(word_type)
