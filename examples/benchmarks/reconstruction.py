@@ -50,7 +50,8 @@ ROWS = {  # name -> (reconstruction, propagation, extra config)
 
 
 # what a row may set after its name: "BR+GP lr=1e-3", "default loss=mse", "default source=c4+self:64"
-_ROW_OPTIONS = {"lr": float, "loss": str, "batch_size": int, "source": str, "allocation": str, "owl_lambda": float}
+_ROW_OPTIONS = {"lr": float, "loss": str, "batch_size": int, "source": str, "allocation": str, "owl_lambda": float,
+                "train_dtype": str}
 _CALIBRATION_OPTIONS = ("source",)  # (those that belong to the CalibrationConfig)
 
 
