@@ -213,7 +213,9 @@ class PruningConfig:
         adam_betas: BR/CR: AdamW betas.
         weight_decay: BR/CR: AdamW weight decay (0 keeps pruned weights trivially fixed).
         window: CR: consecutive blocks trained jointly; windows slide by one block.
-        train_dtype: BR/CR: `float32`, or `bfloat16` / `float16` autocast (fp32 master weights).
+        train_dtype: BR/CR: `auto` (default: `bfloat16` autocast where the hardware multiplies bfloat16 natively, a
+            CUDA GPU with bfloat16 or a CPU with AMX, else `float32`), `float32`, or `bfloat16` / `float16` autocast
+            (float32 master weights, optimizer state and loss either way).
         gradient_checkpointing: BR/CR: recompute each block's sub-modules in the backward pass.
         lora_rank: BR/CR: train low-rank updates of the pruned weights, applied through their masks, instead of
             the full weights (far less optimizer memory); 0 trains the full weights.
@@ -247,7 +249,7 @@ class PruningConfig:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     window: int = 2
-    train_dtype: str = "float32"
+    train_dtype: str = "auto"
     gradient_checkpointing: bool = False
     lora_rank: int = 0
     lora_alpha: float | None = None
@@ -313,7 +315,7 @@ class PruningConfig:
             _check_number(f"adam_betas[{i}]", beta, 0, 1, high_open=True, example="0.9")
         self.adam_betas = (float(betas[0]), float(betas[1]))
         _check_number("weight_decay", self.weight_decay, 0, 1, example="0.0")
-        _check_choice("train_dtype", self.train_dtype, ("float32", "bfloat16", "float16"))
+        _check_choice("train_dtype", self.train_dtype, ("auto", "float32", "bfloat16", "float16"))
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing={self.gradient_checkpointing!r} is not valid: true or false.")
         if self.lora_alpha is not None:

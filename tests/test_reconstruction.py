@@ -228,6 +228,32 @@ def test_bf16_autocast_trains(calib_ids):
     _zeros_and_groups_ok(model)
 
 
+def test_auto_train_dtype_is_bf16_only_where_native(monkeypatch):
+    from optimum_recon.reconstruction import training
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    assert training.resolve_train_dtype("auto", cpu) == torch.bfloat16
+    assert training.resolve_train_dtype("auto", cpu, torch.bfloat16) == torch.float32  # 16-bit weights: no autocast
+    assert training.resolve_train_dtype("float32", cpu) == torch.float32  # a dtype given is used as given
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False, "avx512_bf16": True})
+    assert training.resolve_train_dtype("auto", cpu) == torch.float32  # emulated bf16 is slower than fp32
+    assert training.resolve_train_dtype("bfloat16", cpu) == torch.bfloat16
+    assert training.resolve_train_dtype("auto", torch.device("meta")) == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_train_dtype_is_recorded_and_keeps_fp32_weights(calib_ids, monkeypatch, native):
+    from optimum_recon.reconstruction import training
+
+    monkeypatch.setattr(training, "native_bf16", lambda device: native)
+    model = make_tiny_model("llama")
+    report = prune_model(model, PruningConfig(method="wanda", **FAST), calib_ids, QUIET)
+    assert {b.training["train_dtype"] for b in report.blocks} == {"bfloat16" if native else "float32"}
+    assert next(model.parameters()).dtype == torch.float32
+    _zeros_and_groups_ok(model)
+
+
 def test_heldout_errors_are_reported_and_do_not_change_the_result(calib_ids):
     torch.manual_seed(5)
     heldout = torch.randint(0, 128, (6, 24))
@@ -279,14 +305,17 @@ def test_lora_merges_through_the_mask(arch_name, calib_ids):
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "gpt2"])
-def test_lora_rebuilds_merged_weights_for_the_backward_instead_of_keeping_them(arch_name, calib_ids, monkeypatch):
-    """Each layer's merged weight (W + B·A) ⊙ M is what its matmul saves for the backward; it is saved as a recipe
-    and rebuilt (nothing weight-sized is kept), with bit-identical training to keeping it."""
+@pytest.mark.parametrize("train_dtype", ["float32", "bfloat16"])
+def test_lora_rebuilds_merged_weights_for_the_backward_instead_of_keeping_them(arch_name, calib_ids, monkeypatch,
+                                                                               train_dtype):
+    """Each layer's merged weight (W + B·A) ⊙ M (under autocast: its 16-bit copy) is what its matmul saves for the
+    backward; it is saved as a recipe and rebuilt (nothing weight-sized is kept), with bit-identical training to
+    keeping it."""
     from optimum_recon.reconstruction import lora as lora_module
     from optimum_recon.reconstruction import training
 
     # batches of 2 windows of 24 tokens: 48 rows, no layer's width (a 96-row activation would look like a weight)
-    config = PruningConfig(method="wanda", lora_rank=2, epochs=2, lr=1e-3, batch_size=2)
+    config = PruningConfig(method="wanda", lora_rank=2, epochs=2, lr=1e-3, batch_size=2, train_dtype=train_dtype)
     kept = make_tiny_model(arch_name)
     with monkeypatch.context() as patch:
         patch.setattr(training, "recomputed_merges", contextlib.nullcontext)

@@ -14,7 +14,9 @@ B zero), so training starts from the pruned weights.
 Memory: a linear layer saves its weight for the backward pass, here the merged W_eff, a full-size tensor per
 layer: one block's weights again, which full-weight training does not pay (it saves the parameter itself).
 `recomputed_merges` saves a recipe instead and rebuilds W_eff when the backward needs it (r * in * out
-multiply-adds per layer, small beside the layer's own matmuls over a batch of windows).
+multiply-adds per layer, small beside the layer's own matmuls over a batch of windows). Under autocast the matmul
+would save autocast's 16-bit copy of W_eff instead, which no recipe names; so the merge makes that copy itself
+(the same rounding) and the recipe rebuilds it.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ class MaskedLowRankUpdate(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         merged = self.merge(weight)
-        merged._recon_merge = (self, weight)  # how `recomputed_merges` rebuilds it
+        cast = _autocast_dtype(weight)
+        if cast is not None:
+            merged = merged.to(cast)  # what autocast would hand the matmul: the copy it saves for the backward
+        merged._recon_merge = (self, weight, cast)  # how `recomputed_merges` rebuilds it
         return merged
 
     def merge(self, weight: torch.Tensor) -> torch.Tensor:
@@ -55,11 +60,21 @@ class MaskedLowRankUpdate(nn.Module):
         return (weight + delta.to(weight.dtype)) * self.mask
 
 
+def _autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast casts ``weight`` to for a matmul here, or None (autocast off, or nothing to cast)."""
+    device = weight.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if weight.dtype == torch.float32 and dtype != weight.dtype else None
+
+
 class _Rebuild(NamedTuple):
     """What is saved for the backward instead of a merged weight: its update, and the view of it that was saved."""
 
     update: MaskedLowRankUpdate
     weight: torch.Tensor
+    cast: torch.dtype | None
     size: torch.Size
     stride: tuple[int, ...]
     offset: int
@@ -80,8 +95,13 @@ def _unpack(packed):
         return packed
     # A and B are read now: the optimizer steps only after the backward, so they hold the forward's values, and
     # the same operations on them give a bit-identical tensor to the one not kept
-    with torch.no_grad():
+    # (under the forward's autocast, which ran B @ A in 16 bits: the backward runs outside it)
+    cast = packed.cast
+    with torch.no_grad(), (contextlib.nullcontext() if cast is None else
+                           torch.autocast(packed.weight.device.type, dtype=cast)):
         merged = packed.update.merge(packed.weight)
+        if cast is not None:
+            merged = merged.to(cast)
     return merged.as_strided(packed.size, packed.stride, packed.offset)
 
 
