@@ -202,3 +202,21 @@ def test_card_says_when_the_time_includes_an_interrupted_run():
     report.resumed_seconds = 240.0
     assert ("took 10.0 minutes on `cpu` with 2 torch threads (resumed from a checkpoint: 4.0 of them by the "
             "interrupted earlier run).") in str(build_model_card(PruningConfig(), report))
+
+
+def test_card_says_which_precision_training_ran_in():
+    from optimum_recon import PruningConfig, PruningReport
+    from optimum_recon.hub import build_model_card
+    from optimum_recon.report import BlockRecord
+
+    def card(config, dtype):
+        training = {"lr": 1e-3, "loss_per_epoch": [1.0], "train_dtype": dtype}
+        block = BlockRecord(index=0, error=1.0, error_normalized=0.1, error_local=None, sparsity=0.5, seconds=1.0,
+                            reconstruction={"windows": [training]})
+        return str(build_model_card(config, PruningReport(blocks=[block], environment={"device": "cpu"})))
+
+    auto = card(PruningConfig(), "bfloat16")
+    assert "in bfloat16 autocast with float32 master weights (chosen by `train_dtype=\"auto\"`" in auto
+    assert "in float32 (chosen by" in card(PruningConfig(), "float32")
+    given = card(PruningConfig(train_dtype="bfloat16"), "bfloat16")
+    assert "in bfloat16 autocast with float32 master weights." in given and "(chosen by" not in given

@@ -66,6 +66,7 @@ def _what_was_done(config: PruningConfig, report: PruningReport | None) -> str:
     if config.reconstruction != "layer" and config.epochs:
         heldout = (report.calibration or {}).get("heldout") if report is not None else None
         recon += ". " + _training_words(config, config.calibration.num_heldout if heldout is None else heldout)
+        recon += _dtype_words(config, report)
     cal = config.calibration
     layers = "every linear layer of every decoder block" if not config.targets else (
         f"the linear layers matching {', '.join(f'`{t}`' for t in config.targets)}")
@@ -114,6 +115,18 @@ def _training_words(config: PruningConfig, heldout: int) -> str:
     return (words + f"; every epoch was judged on {heldout} held-out windows from documents no calibration window "
             f"came from, each block kept the weights of its best epoch (its masked-only weights when no epoch beat "
             f"them) and stopped after {config.patience} epochs without improvement")
+
+
+def _dtype_words(config: PruningConfig, report: PruningReport | None) -> str:
+    """The precision training ran in: what `train_dtype` resolved to on the pruning machine."""
+    used = sorted({b.training["train_dtype"] for b in report.blocks if b.training and "train_dtype" in b.training}
+                  ) if report is not None else []
+    if not used:
+        return "" if config.train_dtype in ("auto", "float32") else f"; in {config.train_dtype} autocast"
+    chosen = " (chosen by `train_dtype=\"auto\"` for this hardware)" if config.train_dtype == "auto" else ""
+    if used == ["float32"]:
+        return f"; in float32{chosen}"
+    return f"; in {' and '.join(used)} autocast with float32 master weights{chosen}"
 
 
 def _base_words(base_model: str | None) -> str:
