@@ -121,7 +121,7 @@ def run_row(args, method: str, row: str) -> dict:
 
 # what a row keeps of each window's training record
 _TRAINING_KEYS = ("lr", "lr_final", "lr_halved_after", "loss_per_epoch", "heldout_per_epoch", "epoch_kept",
-                  "epochs_run", "stopped_early", "reverted", "steps", "seconds", "guard_seconds")
+                  "epochs_run", "stopped_early", "reverted", "steps", "seconds", "guard_seconds", "train_dtype")
 
 
 def _slug(method: str, row: str) -> str:
@@ -138,7 +138,8 @@ def table(results: dict) -> str:
     lr = {r["method"]: r["final_error"] for r in results["runs"] if r["row"] == "LR"}
     for r in results["runs"]:
         cut = f"{r['final_error'] / lr[r['method']] - 1:+.1%}" if r["method"] in lr else "–"  # 84.5% is not 85%
-        mark = ("†" if r.get("torch_threads") == 1 else "") + ("‡" if r.get("resumed") else "")
+        mark = ("†" if r.get("torch_threads") == 1 else "") + ("‡" if r.get("resumed") else "") + (
+            "§" if _trained_in(r) == "bfloat16" else "")
         lines.append(
             f"| {r['method']} | {r['row']} | {r['final_error']:.4g} ({r['final_error_normalized']:.3g}) | {cut} | "
             f"{r['heldout_error']:.4g} ({r['heldout_error_normalized']:.3g}) | {r['wikitext2']:.3f} | "
@@ -149,7 +150,20 @@ def table(results: dict) -> str:
     if any(r.get("resumed") for r in results["runs"]):
         lines.append("\n‡ resumed from its --checkpoint-dir after an interruption: the time adds the calls' times "
                      "(up to the last checkpoint of the interrupted one); the peak RSS is the last call's")
+    if any(_trained_in(r) == "bfloat16" for r in results["runs"]):
+        lines.append("\n§ trained in bfloat16 autocast (float32 master weights; what train_dtype=\"auto\" picks on a "
+                     "CPU with AMX)")
     return "\n".join(lines)
+
+
+def _trained_in(row: dict) -> str | None:
+    """The dtype a row trained in: recorded per window since train_dtype="auto"; float32 before (the default then)."""
+    windows = [w for b in row.get("per_block", []) for w in b.get("training", [])]
+    if not windows:
+        return None
+    if "train_dtype=" in row["row"]:
+        return row["row"].split("train_dtype=")[1].split(" ")[0]
+    return windows[0].get("train_dtype", "float32")
 
 
 def main() -> None:
