@@ -271,14 +271,20 @@ def _finish(results: dict, output: Path) -> None:
     print(f"written to {output}")
 
 
+def _block_sparsity(row: dict, index: int) -> float:
+    """A block's own sparsity in a row (its allocation's share, or the row's sparsity when uniform)."""
+    shares = (row.get("allocation") or {}).get("block_sparsity") or []
+    return shares[index] if index < len(shares) else row.get("sparsity", 0.5)
+
+
 def _plot_training(row: dict, path: Path) -> None:
     """The guarded row's per-epoch curves: calibration loss vs held-out error, the kept epoch marked."""
     from optimum_recon.plotting import plot_training_curves
     from optimum_recon.report import BlockRecord, PruningReport
 
     blocks = [BlockRecord(index=b["index"], error=b["error"], error_normalized=b["error_normalized"], error_local=None,
-                          sparsity=0.5, seconds=0.0, reconstruction={"windows": b.get("training", [])})
-              for b in row["per_block"]]
+                          sparsity=_block_sparsity(row, b["index"]), seconds=0.0,
+                          reconstruction={"windows": b.get("training", [])}) for b in row["per_block"]]
     plot_training_curves(PruningReport(blocks=blocks), path,
                          title=f"{row['method']} {row['row']}: error per epoch (epoch 0: masked only)")
 
@@ -293,7 +299,8 @@ def _plot(results: dict, method: str, path: Path) -> None:
         if r["method"] != method:
             continue
         blocks = [BlockRecord(index=b["index"], error=b["error"], error_normalized=b["error_normalized"],
-                              error_local=None, sparsity=0.5, seconds=0.0, heldout_error=b["heldout_error"])
+                              error_local=None, sparsity=_block_sparsity(r, b["index"]), seconds=0.0,
+                              heldout_error=b["heldout_error"])
                   for b in r["per_block"]]
         reports[r["row"]] = PruningReport(blocks=blocks)
     plot_block_errors(reports, path, normalized=False, title=f"{method}: per-block error, calibration vs held-out")
