@@ -213,9 +213,8 @@ class PruningConfig:
         adam_betas: BR/CR: AdamW betas.
         weight_decay: BR/CR: AdamW weight decay (0 keeps pruned weights trivially fixed).
         window: CR: consecutive blocks trained jointly; windows slide by one block.
-        train_dtype: BR/CR: `auto` (default: `bfloat16` autocast where the hardware multiplies bfloat16 natively, a
-            CUDA GPU with bfloat16 or a CPU with AMX, else `float32`), `float32`, or `bfloat16` / `float16` autocast
-            (float32 master weights, optimizer state and loss either way).
+        train_dtype: BR/CR: `auto` (default: `bfloat16` autocast where it is native, a CUDA GPU with bfloat16 or a
+            CPU with AMX, else `float32`), or `float32` / `bfloat16` / `float16` as given (fp32 master weights).
         gradient_checkpointing: BR/CR: recompute each block's sub-modules in the backward pass.
         lora_rank: BR/CR: train low-rank updates of the pruned weights, applied through their masks, instead of
             the full weights (far less optimizer memory); 0 trains the full weights.
