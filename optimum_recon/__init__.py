@@ -14,7 +14,7 @@ from .version import __version__
 _install_sparse_loading()  # compact sparse checkpoints load with AutoModelForCausalLM.from_pretrained
 
 _LAZY = {
-    "CalibrationConfig": ".configuration",
+    "CalibrationConfig": ".calibration_config",
     "CalibrationSet": ".data.calibration_set",
     "ModelLoadError": ".modeling.loading",
     "OutputFolderError": ".folders",
@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .configuration import CalibrationConfig, PruningConfig
+    from .calibration_config import CalibrationConfig
+    from .configuration import PruningConfig
     from .data.calibration_set import CalibrationSet
     from .engine.runtime import Runtime
     from .engine.sequential import prune_model

@@ -17,8 +17,9 @@ import warnings
 from dataclasses import fields
 from typing import Any
 
+from .calibration_config import CalibrationConfig
 from .cli_messages import configure_logging, error_line, one_line_warnings, user_errors
-from .configuration import CalibrationConfig, PruningConfig, field_default, field_help
+from .configuration import PruningConfig, field_default, field_help
 from .recipe import RECIPE_FLAGS as _RECIPE_FLAGS
 from .recipe import recipe_command  # noqa: F401 - part of this module's interface
 

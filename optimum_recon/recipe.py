@@ -12,7 +12,8 @@ import os
 from dataclasses import fields
 from typing import Any
 
-from .configuration import CalibrationConfig, PruningConfig, field_default
+from .calibration_config import CalibrationConfig
+from .configuration import PruningConfig, field_default
 
 # Flags whose name is not the field's (the calibration source is the most used calibration setting).
 _RENAMED = {(CalibrationConfig, "source"): "calibration", (CalibrationConfig, "split"): "calibration-split"}

@@ -209,8 +209,8 @@ def test_card_says_which_precision_training_ran_in():
     from optimum_recon.hub import build_model_card
     from optimum_recon.report import BlockRecord
 
-    def card(config, dtype):
-        training = {"lr": 1e-3, "loss_per_epoch": [1.0], "train_dtype": dtype}
+    def card(config, dtype, **autocast):
+        training = {"lr": 1e-3, "loss_per_epoch": [1.0], "train_dtype": dtype, **autocast}
         block = BlockRecord(index=0, error=1.0, error_normalized=0.1, error_local=None, sparsity=0.5, seconds=1.0,
                             reconstruction={"windows": [training]})
         return str(build_model_card(config, PruningReport(blocks=[block], environment={"device": "cpu"})))
@@ -220,3 +220,6 @@ def test_card_says_which_precision_training_ran_in():
     assert "in float32 (chosen by" in card(PruningConfig(), "float32")
     given = card(PruningConfig(train_dtype="bfloat16"), "bfloat16")
     assert "in bfloat16 autocast with float32 master weights." in given and "(chosen by" not in given
+    # a model loaded in bfloat16 trains in its own dtype, without autocast, and the card says so
+    own = card(PruningConfig(), "bfloat16", autocast=False)
+    assert "in bfloat16 (the model's own dtype) (chosen by" in own and "autocast" not in own

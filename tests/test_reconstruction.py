@@ -250,8 +250,15 @@ def test_auto_train_dtype_is_recorded_and_keeps_fp32_weights(calib_ids, monkeypa
     model = make_tiny_model("llama")
     report = prune_model(model, PruningConfig(method="wanda", **FAST), calib_ids, QUIET)
     assert {b.training["train_dtype"] for b in report.blocks} == {"bfloat16" if native else "float32"}
+    assert {b.training["autocast"] for b in report.blocks} == {native}
     assert next(model.parameters()).dtype == torch.float32
     _zeros_and_groups_ok(model)
+
+
+def test_auto_train_dtype_records_a_16_bit_models_own_dtype(calib_ids):
+    model = make_tiny_model("llama").to(torch.bfloat16)  # 16-bit weights: no autocast, whatever the hardware
+    report = prune_model(model, PruningConfig(method="wanda", **FAST), calib_ids, QUIET)
+    assert {(b.training["train_dtype"], b.training["autocast"]) for b in report.blocks} == {("bfloat16", False)}
 
 
 def test_heldout_errors_are_reported_and_do_not_change_the_result(calib_ids):

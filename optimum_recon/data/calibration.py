@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from ..configuration import CalibrationConfig
+from ..calibration_config import CalibrationConfig
 from .sources import load_documents
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from ..configuration import CalibrationConfig
+from ..calibration_config import CalibrationConfig
 from ..report import recorded_warnings
 from .calibration import sample_calibration_windows
 

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import distributed as dist
-from ..configuration import CalibrationConfig
+from ..calibration_config import CalibrationConfig
 from ..modeling.offload import input_device
 from ..version import __version__
 from .default_model import cache_dir

@@ -119,14 +119,18 @@ def _training_words(config: PruningConfig, heldout: int) -> str:
 
 def _dtype_words(config: PruningConfig, report: PruningReport | None) -> str:
     """The precision training ran in: what `train_dtype` resolved to on the pruning machine."""
-    used = sorted({b.training["train_dtype"] for b in report.blocks if b.training and "train_dtype" in b.training}
-                  ) if report is not None else []
-    if not used:
+    records = [b.training for b in report.blocks if b.training and "train_dtype" in b.training
+               ] if report is not None else []
+    if not records:
         return "" if config.train_dtype in ("auto", "float32") else f"; in {config.train_dtype} autocast"
     chosen = " (chosen by `train_dtype=\"auto\"` for this hardware)" if config.train_dtype == "auto" else ""
-    if used == ["float32"]:
-        return f"; in float32{chosen}"
-    return f"; in {' and '.join(used)} autocast with float32 master weights{chosen}"
+    # records written before "autocast" existed used autocast for every dtype but float32
+    autocast = sorted({r["train_dtype"] for r in records if r.get("autocast", r["train_dtype"] != "float32")})
+    plain = sorted({r["train_dtype"] for r in records} - set(autocast))
+    words = [f"{' and '.join(autocast)} autocast with float32 master weights"] if autocast else []
+    if plain:  # no autocast: the weights' own dtype
+        words.append(" and ".join(plain) + ("" if plain == ["float32"] else " (the model's own dtype)"))
+    return f"; in {' and '.join(words)}{chosen}"
 
 
 def _base_words(base_model: str | None) -> str:

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from ..modeling.loading import FLOAT_DTYPES
 from .sparse_format import MASK_SUFFIX, META_SUFFIX, decode_stored, encode, worth_compressing
 
 SPARSE_FORMATS = ("bitmask",)
-SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAVE_DTYPES = FLOAT_DTYPES
 _INDEX = "model.safetensors.index.json"
 
 

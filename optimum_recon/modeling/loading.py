@@ -61,6 +61,10 @@ def check_model_exists(path: str, trust_remote_code: bool = False) -> None:
         ) from err
 
 
+# The floating-point dtypes a checkpoint is stored, saved or trained in, by name.
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> str | None:
     """The dtype the checkpoint at ``path`` declares in its config ("bfloat16", ...), or None when it declares none
     (read before loading: loading in another dtype overwrites the config's)."""
@@ -73,7 +77,7 @@ def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> str | None:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     name = str(dtype).removeprefix("torch.") if dtype is not None else None
-    return name if name in ("float32", "bfloat16", "float16") else None
+    return name if name in FLOAT_DTYPES else None
 
 
 class ModelLoadError(ValueError):

@@ -32,15 +32,13 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_gradients_, all_reduce_numbers, is_distributed
+from ..modeling.loading import FLOAT_DTYPES
 from .base import Reconstruction, WindowTask, error_sum, error_terms
 from .guard import MAX_HALVINGS, HeldoutGuard, auto_learning_rate
 from .lora import masked_low_rank, recomputed_merges
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..configuration import PruningConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU with bfloat16 (Ampere and later), or
@@ -63,7 +61,7 @@ def resolve_train_dtype(name: str, device: torch.device, weights: torch.dtype = 
     the same perplexity as float32 in about half the time (docs/benchmarks.md)."""
     if name == "auto":
         return torch.bfloat16 if weights == torch.float32 and native_bf16(device) else torch.float32
-    return _DTYPES[name]
+    return FLOAT_DTYPES[name]
 
 
 @contextlib.contextmanager
@@ -176,7 +174,8 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
     num_samples = task.num_samples
     steps_per_epoch = len(_batches(num_samples, config.batch_size, torch.Generator()))
     total_steps = config.epochs * steps_per_epoch
-    dtype = resolve_train_dtype(config.train_dtype, task.device, next(task.blocks[0].parameters()).dtype)
+    weights_dtype = next(task.blocks[0].parameters()).dtype
+    dtype = resolve_train_dtype(config.train_dtype, task.device, weights_dtype)
     amp = dtype != torch.float32
     scaler = torch.amp.GradScaler(task.device.type, enabled=dtype == torch.float16)
     auto = config.lr == "auto"
@@ -251,7 +250,9 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
         del optimizer  # the optimizer state lives only while this window is trained
     info: dict[str, Any] = {"loss_per_epoch": losses, "steps": step, "optimizer_state_bytes": state_bytes,
                             "lr": first_peak, "lr_auto": auto, "seconds": time.perf_counter() - started,
-                            "train_dtype": str(dtype).removeprefix("torch.")}
+                            # without autocast, training runs in the weights' own dtype (a 16-bit model stays so)
+                            "train_dtype": str(dtype if amp else weights_dtype).removeprefix("torch."),
+                            "autocast": amp}
     if auto:
         info.update(lr_final=peak, lr_halved_after=halved_after)
     if guard is not None:
