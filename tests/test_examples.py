@@ -161,3 +161,12 @@ def test_reconstruction_benchmark_resumes_a_finished_row(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done in" not in result.stdout  # nothing was run again
     assert json.loads(output.read_text())["runs"] == [row]
+
+
+def test_every_benchmark_prints_its_help():
+    # argparse formats help lazily: a stray "%" in a help text (say "50%") only fails when a user asks for --help
+    scripts = sorted((Path(__file__).resolve().parents[1] / "examples" / "benchmarks").glob("[a-z]*.py"))
+    assert scripts
+    for script in scripts:
+        result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "usage:" in result.stdout, f"{script.name}: {result.stderr[-2000:]}"
