@@ -217,8 +217,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="times every load is measured again after all saves, "
                         "the best kept (0: only the load right after each save)")
     parser.add_argument("--settings", default=",".join(SETTINGS),
-                        help=f"the pruned settings to save and load, of {', '.join(SETTINGS).replace('%', '%%')} (fewer settings: fewer "
-                        "folders competing for the page cache, see --repeats)")
+                        help=f"the pruned settings to save and load, of {', '.join(SETTINGS).replace('%', '%%')} "
+                        "(fewer settings: fewer folders competing for the page cache, see --repeats)")
     parser.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.settings = args.settings.split(",")
