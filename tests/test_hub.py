@@ -209,8 +209,8 @@ def test_card_says_which_precision_training_ran_in():
     from optimum_recon.hub import build_model_card
     from optimum_recon.report import BlockRecord
 
-    def card(config, dtype, **autocast):
-        training = {"lr": 1e-3, "loss_per_epoch": [1.0], "train_dtype": dtype, **autocast}
+    def card(config, dtype, **record):
+        training = {"lr": 1e-3, "loss_per_epoch": [1.0], "train_dtype": dtype, **record}
         block = BlockRecord(index=0, error=1.0, error_normalized=0.1, error_local=None, sparsity=0.5, seconds=1.0,
                             reconstruction={"windows": [training]})
         return str(build_model_card(config, PruningReport(blocks=[block], environment={"device": "cpu"})))
@@ -223,3 +223,5 @@ def test_card_says_which_precision_training_ran_in():
     # a model loaded in bfloat16 trains in its own dtype, without autocast, and the card says so
     own = card(PruningConfig(), "bfloat16", autocast=False)
     assert "in bfloat16 (the model's own dtype) (chosen by" in own and "autocast" not in own
+    half = card(PruningConfig(train_dtype="float16"), "float16", autocast=True, weights_dtype="bfloat16")
+    assert "in float16 autocast with bfloat16 master weights." in half

@@ -255,9 +255,10 @@ def test_auto_train_dtype_is_recorded_and_keeps_fp32_weights(calib_ids, monkeypa
     _zeros_and_groups_ok(model)
 
 
-def test_auto_train_dtype_records_a_16_bit_models_own_dtype(calib_ids):
+@pytest.mark.parametrize("train_dtype", ["auto", "bfloat16"])
+def test_a_16_bit_model_trains_and_is_recorded_in_its_own_dtype(calib_ids, train_dtype):
     model = make_tiny_model("llama").to(torch.bfloat16)  # 16-bit weights: no autocast, whatever the hardware
-    report = prune_model(model, PruningConfig(method="wanda", **FAST), calib_ids, QUIET)
+    report = prune_model(model, PruningConfig(method="wanda", train_dtype=train_dtype, **FAST), calib_ids, QUIET)
     assert {(b.training["train_dtype"], b.training["autocast"]) for b in report.blocks} == {("bfloat16", False)}
 
 

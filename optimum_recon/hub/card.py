@@ -127,7 +127,8 @@ def _dtype_words(config: PruningConfig, report: PruningReport | None) -> str:
     # records written before "autocast" existed used autocast for every dtype but float32
     autocast = sorted({r["train_dtype"] for r in records if r.get("autocast", r["train_dtype"] != "float32")})
     plain = sorted({r["train_dtype"] for r in records} - set(autocast))
-    words = [f"{' and '.join(autocast)} autocast with float32 master weights"] if autocast else []
+    masters = sorted({r.get("weights_dtype", "float32") for r in records if r["train_dtype"] in autocast})
+    words = [f"{' and '.join(autocast)} autocast with {' and '.join(masters)} master weights"] if autocast else []
     if plain:  # no autocast: the weights' own dtype
         words.append(" and ".join(plain) + ("" if plain == ["float32"] else " (the model's own dtype)"))
     return f"; in {' and '.join(words)}{chosen}"

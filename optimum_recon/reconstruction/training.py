@@ -40,6 +40,7 @@ from .lora import masked_low_rank, recomputed_merges
 if TYPE_CHECKING:  # pragma: no cover
     from ..configuration import PruningConfig
 
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU with bfloat16 (Ampere and later), or
     a CPU with AMX (Intel Sapphire Rapids and later). Elsewhere bfloat16 is emulated and slower than float32."""
@@ -176,8 +177,8 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
     total_steps = config.epochs * steps_per_epoch
     weights_dtype = next(task.blocks[0].parameters()).dtype
     dtype = resolve_train_dtype(config.train_dtype, task.device, weights_dtype)
-    amp = dtype != torch.float32
-    scaler = torch.amp.GradScaler(task.device.type, enabled=dtype == torch.float16)
+    amp = dtype not in (torch.float32, weights_dtype)  # (autocast to the weights' own dtype would change nothing)
+    scaler = torch.amp.GradScaler(task.device.type, enabled=amp and dtype == torch.float16)
     auto = config.lr == "auto"
     peak = first_peak = auto_learning_rate(task.masks) if auto else float(config.lr)
     guarded = task.heldout_error is not None and config.guard is not False
@@ -252,7 +253,7 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
                             "lr": first_peak, "lr_auto": auto, "seconds": time.perf_counter() - started,
                             # without autocast, training runs in the weights' own dtype (a 16-bit model stays so)
                             "train_dtype": str(dtype if amp else weights_dtype).removeprefix("torch."),
-                            "autocast": amp}
+                            "autocast": amp, "weights_dtype": str(weights_dtype).removeprefix("torch.")}
     if auto:
         info.update(lr_final=peak, lr_halved_after=halved_after)
     if guard is not None:
