@@ -22,7 +22,6 @@ from ..modeling.loading import FLOAT_DTYPES
 from .sparse_format import MASK_SUFFIX, META_SUFFIX, decode_stored, encode, worth_compressing
 
 SPARSE_FORMATS = ("bitmask",)
-SAVE_DTYPES = FLOAT_DTYPES
 _INDEX = "model.safetensors.index.json"
 
 
@@ -31,8 +30,8 @@ def dtype_name(dtype: Any) -> str | None:
     if dtype is None:
         return None
     name = str(dtype).removeprefix("torch.")
-    if name not in SAVE_DTYPES:
-        raise ValueError(f"save_dtype={dtype!r} is not valid: choose {', '.join(SAVE_DTYPES)}.")
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"save_dtype={dtype!r} is not valid: choose {', '.join(FLOAT_DTYPES)}.")
     return name
 
 
@@ -103,7 +102,7 @@ def rewrite_weights(folder: str | os.PathLike, dtype: str, sparse_format: str | 
     from .quantizer import SparseCheckpointConfig
 
     folder = Path(folder)
-    target = SAVE_DTYPES[dtype]
+    target = FLOAT_DTYPES[dtype]
     stats = {"compressed_dense": 0, "compressed": 0, "compressed_tensors": 0}
 
     def convert(name, reader, names):
