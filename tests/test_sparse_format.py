@@ -197,3 +197,29 @@ def test_fields_are_read_back_from_the_packed_stream(width):
     fields = torch.randint(0, 1 << width, (count,), generator=torch.Generator().manual_seed(width))
     packed = pack_bits(_fields_to_bits(fields, width))
     assert torch.equal(torch.from_numpy(_codes(packed.numpy(), count, width).astype("int64")), fields)
+
+
+@pytest.mark.parametrize("numel, dtype, hinted", [(3 << 20, torch.bfloat16, True), ((1 << 20) - 256, torch.float32, False),
+                                                  (1000, torch.float16, False)])
+def test_a_decoded_weight_asks_for_huge_pages_only_inside_its_own_memory(monkeypatch, numel, dtype, hinted):
+    from optimum_recon.hub import sparse_format
+
+    calls = []
+    monkeypatch.setattr(sparse_format, "_madvise", lambda: lambda start, length, advice: calls.append(
+        (start, length, advice)))
+    tensor = sparse_format._fresh(numel, dtype)
+    assert tensor.shape == (numel,) and tensor.dtype == dtype
+    huge = 2 << 20
+    if not hinted:  # under 4 MiB: at most one huge page could be covered, not worth a system call
+        assert calls == []
+        return
+    ((start, length, advice),) = calls
+    assert advice == 14 and start % huge == 0 and length % huge == 0 and length >= huge
+    assert tensor.data_ptr() <= start and start + length <= tensor.data_ptr() + tensor.nbytes
+    assert start - tensor.data_ptr() < huge  # the whole aligned span, not a part of it
+
+
+def test_decoding_a_weight_large_enough_for_huge_pages_is_bit_identical():
+    w = _unstructured(torch.bfloat16, rows=1024, cols=3072)  # 6 MiB: the decoded weight is marked for huge pages
+    parts = encode(w)
+    assert torch.equal(_bits(decode(parts["values"], parts["mask"], parts["meta"])), _bits(w))
