@@ -26,6 +26,7 @@ from .modeling.loading import (
     checkpoint_dtype,
     load_model,
     load_tokenizer,
+    name_of_dtype,
     parse_dtype,
     resolve_model_path,
 )
@@ -70,7 +71,7 @@ class ReconPruner:
         self.source_folder: str | None = None  # the local folder the model was loaded from: never written
         # what save_pretrained writes by default: the checkpoint's own dtype (from_pretrained reads it from the
         # checkpoint's config before loading), else the dtype of the model in memory
-        self.checkpoint_dtype: str | None = str(getattr(model, "dtype", "")).removeprefix("torch.") or None
+        self.checkpoint_dtype: str | None = name_of_dtype(getattr(model, "dtype", "")) or None
         self._dense_perplexity: dict[str, float] = {}
         self._dense_zero_shot: dict[str, float] = {}
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..modeling.loading import FLOAT_DTYPES
+from ..modeling.loading import FLOAT_DTYPES, name_of_dtype
 from .sparse_format import MASK_SUFFIX, META_SUFFIX, decode_stored, encode, worth_compressing
 
 SPARSE_FORMATS = ("bitmask",)
@@ -29,7 +29,7 @@ def dtype_name(dtype: Any) -> str | None:
     """"bfloat16" for torch.bfloat16 or "bfloat16"; None for None; a clear error for anything else."""
     if dtype is None:
         return None
-    name = str(dtype).removeprefix("torch.")
+    name = name_of_dtype(dtype)
     if name not in FLOAT_DTYPES:
         raise ValueError(f"save_dtype={dtype!r} is not valid: choose {', '.join(FLOAT_DTYPES)}.")
     return name

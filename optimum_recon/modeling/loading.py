@@ -65,6 +65,11 @@ def check_model_exists(path: str, trust_remote_code: bool = False) -> None:
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def name_of_dtype(dtype: Any) -> str:
+    """"bfloat16" for torch.bfloat16 (and for "bfloat16"): the name configs, reports and cards use."""
+    return str(dtype).removeprefix("torch.")
+
+
 def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> str | None:
     """The dtype the checkpoint at ``path`` declares in its config ("bfloat16", ...), or None when it declares none
     (read before loading: loading in another dtype overwrites the config's)."""
@@ -76,7 +81,7 @@ def checkpoint_dtype(path: str, trust_remote_code: bool = False) -> str | None:
         return None
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    name = str(dtype).removeprefix("torch.") if dtype is not None else None
+    name = name_of_dtype(dtype) if dtype is not None else None
     return name if name in FLOAT_DTYPES else None
 
 

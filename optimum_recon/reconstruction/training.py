@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_gradients_, all_reduce_numbers, is_distributed
-from ..modeling.loading import FLOAT_DTYPES
+from ..modeling.loading import FLOAT_DTYPES, name_of_dtype
 from .base import Reconstruction, WindowTask, error_sum, error_terms
 from .guard import MAX_HALVINGS, HeldoutGuard, auto_learning_rate
 from .lora import masked_low_rank, recomputed_merges
@@ -252,8 +252,8 @@ def train_window(task: WindowTask, config: "PruningConfig") -> dict[str, Any]:
     info: dict[str, Any] = {"loss_per_epoch": losses, "steps": step, "optimizer_state_bytes": state_bytes,
                             "lr": first_peak, "lr_auto": auto, "seconds": time.perf_counter() - started,
                             # without autocast, training runs in the weights' own dtype (a 16-bit model stays so)
-                            "train_dtype": str(dtype if amp else weights_dtype).removeprefix("torch."),
-                            "autocast": amp, "weights_dtype": str(weights_dtype).removeprefix("torch.")}
+                            "train_dtype": name_of_dtype(dtype if amp else weights_dtype),
+                            "autocast": amp, "weights_dtype": name_of_dtype(weights_dtype)}
     if auto:
         info.update(lr_final=peak, lr_halved_after=halved_after)
     if guard is not None:
