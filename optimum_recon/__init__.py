@@ -23,6 +23,7 @@ _LAZY = {
     "ReconPruner": ".pruner",
     "Runtime": ".engine.runtime",
     "evaluate_perplexity": ".evaluation",
+    "packed_loading": ".hub.packed",
     "prune_model": ".engine.sequential",
 }
 
@@ -37,6 +38,7 @@ __all__ = [
     "Runtime",
     "__version__",
     "evaluate_perplexity",
+    "packed_loading",
     "prune_model",
 ]
 
@@ -48,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .engine.sequential import prune_model
     from .evaluation import evaluate_perplexity
     from .folders import OutputFolderError
+    from .hub.packed import packed_loading
     from .modeling.loading import ModelLoadError
     from .pruner import ReconPruner
     from .report import PruningReport

@@ -52,9 +52,11 @@ def test_checkpoint_size_benchmark_tiny(tmp_path):
                             env=dict(os.environ, OPTIMUM_RECON_CACHE=str(tmp_path / "cache")))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(output.read_text())["rows"]
-    assert [(r["setting"], r["format"]) for r in rows] == [("dense", "dense"), ("2:4", "dense"), ("2:4", "bitmask")]
-    dense, compact = rows[1:]
-    assert (compact["logits_sha256"], compact["weights_sha256"]) == (dense["logits_sha256"], dense["weights_sha256"])
+    assert [(r["setting"], r["format"]) for r in rows] == [("dense", "dense"), ("2:4", "dense"), ("2:4", "bitmask"),
+                                                           ("2:4", "bitmask, packed")]
+    dense, compact, packed = rows[1:]
+    for loaded in (compact, packed):  # (packed: each linear weight expanded for the hash, as forward expands it)
+        assert (loaded["logits_sha256"], loaded["weights_sha256"]) == (dense["logits_sha256"], dense["weights_sha256"])
     assert compact["folder_bytes"] < dense["folder_bytes"] and compact["linear_ratio"] <= 0.56
     bad = subprocess.run([sys.executable, str(script), "--settings", "50%,40%"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown 40%" in bad.stderr

@@ -11,7 +11,9 @@ Reported: bytes of the pruned linear layers (compact / dense: the goals are <= 0
 first logits ("ready": a dense file is memory-mapped and read lazily, see `measure_load`), peak RSS when ready and
 after generating 64 tokens (greedy), decode tokens/s, and a hash of the loaded weights and of the logits (dense with
 zeros and compact must agree bit for bit). Load times are the best of `--repeats` loads taken after every save is on
-disk, the folders in turn. Timings: compare ratios within one run.
+disk, the folders in turn. "bitmask, packed" is the compact folder loaded inside `optimum_recon.packed_loading()`
+(linear weights kept compact in memory and expanded in each forward pass), measured once: its generation is slow.
+Timings: compare ratios within one run.
 
     python examples/benchmarks/checkpoint_size.py [--models bundled,big] [--work-dir /tmp/optimum-recon-size]
 """
@@ -19,6 +21,7 @@ disk, the folders in turn. Timings: compare ratios within one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -56,7 +59,22 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
-def measure_load(folder: str) -> dict:
+def _dense_state(model) -> dict:
+    """name -> tensor of every weight as a dense model holds it (a packed linear layer's weight expanded)."""
+    from optimum_recon.hub.packed import PackedLinear
+
+    state = {}
+    for name, tensor in model.state_dict().items():
+        module = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if isinstance(module, PackedLinear):
+            if name.endswith(".weight"):
+                state[name] = module.dense_weight()
+            continue  # (its mask and record)
+        state[name] = tensor
+    return state
+
+
+def measure_load(folder: str, packed: bool = False) -> dict:
     """Run in a fresh process: load, first forward pass, hash, generate; print JSON.
 
     "load" is `from_pretrained` alone; "ready" adds the first forward pass, which touches every weight: a dense
@@ -65,11 +83,12 @@ def measure_load(folder: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    import optimum_recon  # noqa: F401  (registers the compact format's reader)
+    import optimum_recon  # (registers the compact format's reader)
 
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    with optimum_recon.packed_loading() if packed else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(folder)
     load = time.perf_counter() - start
     ids = torch.arange(1, 33).view(1, 32) % model.config.vocab_size
     with torch.no_grad():
@@ -77,7 +96,7 @@ def measure_load(folder: str) -> dict:
     ready = time.perf_counter() - start
     rss_load = _peak_rss_mib()
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(_dense_state(model).items()):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
     with torch.no_grad():
@@ -90,9 +109,9 @@ def measure_load(folder: str) -> dict:
             "dtype": str(model.dtype).removeprefix("torch.")}
 
 
-def _load_in_subprocess(folder: Path) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--measure-load", str(folder)], capture_output=True,
-                            text=True, check=False)
+def _load_in_subprocess(folder: Path, packed: bool = False) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--measure-load", str(folder)] + ["--packed-load"] * packed,
+                            capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise SystemExit(f"loading {folder} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -152,6 +171,10 @@ def run_model(name: str, args) -> list[dict]:
                            linear_ratio=saved["compressed"] / saved["compressed_dense"])
             rows.append(row)
             print({k: v for k, v in row.items() if "sha" not in k}, flush=True)
+            if form == "bitmask" and args.packed:
+                rows.append({**row, "format": "bitmask, packed", "save_s": float("nan"),
+                             **_load_in_subprocess(out, packed=True)})
+                print({k: v for k, v in rows[-1].items() if "sha" not in k}, flush=True)
         del pruner
     _remeasure(rows, source, args)
     return rows
@@ -161,7 +184,8 @@ def _folder(row: dict, source: Path, args) -> Path:
     """Where a row's checkpoint is saved (the unpruned dense row's is the source itself)."""
     if row["setting"] == "dense":
         return source
-    return Path(args.work_dir) / f"{row['model']}-{row['setting'].replace(':', '-')}-{row['format']}"
+    form = row["format"].split(",")[0]  # ("bitmask, packed" loads the bitmask folder)
+    return Path(args.work_dir) / f"{row['model']}-{row['setting'].replace(':', '-')}-{form}"
 
 
 def _remeasure(rows: list[dict], source: Path, args) -> None:
@@ -171,6 +195,7 @@ def _remeasure(rows: list[dict], source: Path, args) -> None:
     if args.repeats < 1:
         return
     os.sync()
+    rows = [row for row in rows if "packed" not in row["format"]]  # (measured once: see the module docstring)
     for row in rows:
         row["first_load_s"], row["first_ready_s"] = row["load_s"], row["ready_s"]
         row["ready_s_runs"] = []
@@ -192,7 +217,7 @@ def table(rows: list[dict]) -> str:
     zeros = {(r["model"], r["setting"]): r for r in rows if r["format"] == "dense" and r["setting"] != "dense"}
     for r in rows:
         base = zeros.get((r["model"], r["setting"]))
-        same = "–" if r["format"] != "bitmask" else (
+        same = "–" if r["format"] == "dense" else (
             "yes" if (r["weights_sha256"], r["logits_sha256"]) == (base["weights_sha256"], base["logits_sha256"])
             else "**NO**")
         lines.append(
@@ -202,7 +227,7 @@ def table(rows: list[dict]) -> str:
         lines[-1] += (
             f"{r['folder_bytes'] / 1e6:,.1f} | {r['folder_bytes'] / dense[r['model']]['folder_bytes']:.3f} | "
             f"{r.get('save_s', float('nan')):.1f} | {r['load_s']:.2f} / {r['ready_s']:.2f} | "
-            f"{r['ready_s'] / base['ready_s'] if base and r['format'] == 'bitmask' else float('nan'):.2f} | "
+            f"{r['ready_s'] / base['ready_s'] if base and r['format'] != 'dense' else float('nan'):.2f} | "
             f"{r['rss_load_mib']:,.0f} / {r['rss_generate_mib']:,.0f} | {r['tokens_per_s']:.1f} | {same} |")
     return "\n".join(lines).replace("| nan |", "| – |")
 
@@ -219,14 +244,17 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help=f"the pruned settings to save and load, of {', '.join(SETTINGS).replace('%', '%%')} "
                         "(fewer settings: fewer folders competing for the page cache, see --repeats)")
+    parser.add_argument("--no-packed", dest="packed", action="store_false",
+                        help="skip the 'bitmask, packed' rows (the compact folder loaded with packed_loading)")
     parser.add_argument("--measure-load", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--packed-load", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.settings = args.settings.split(",")
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
         parser.error(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
     if args.measure_load:
-        print(json.dumps(measure_load(args.measure_load)))
+        print(json.dumps(measure_load(args.measure_load, packed=args.packed_load)))
         return
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     results = {**run_metadata(), "rows": []}

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .packed import PackedLinear, is_packed_loading, keep_packed, pack_linear_layers
 from .sparse_format import FORMAT_VERSION, MASK_SUFFIX, META_SUFFIX, SparseFormatError, decode_stored
 
 QUANT_METHOD = "optimum_recon"
@@ -83,14 +84,52 @@ class SparseDecompress(ConversionOps):
         return {name: weight if dtype is None else weight.to(dtype)}
 
 
+class SparseKeepPacked(SparseDecompress):
+    """The load operation inside `packed_loading` (`packed.py`): a weight of a `PackedLinear` is checked and kept as
+    stored; any other weight is expanded as `SparseDecompress` does."""
+
+    def convert(self, input_dict: dict[str, Any], source_patterns=None, target_patterns=None,
+                full_layer_name: str | None = None, model=None, **kwargs) -> dict[str, torch.Tensor]:
+        path, _, leaf = (full_layer_name or "").rpartition(".")
+        module = model.get_submodule(path) if model is not None and path else None
+        if not isinstance(module, PackedLinear) or leaf != "weight":
+            return super().convert(input_dict, source_patterns, target_patterns, full_layer_name, model, **kwargs)
+
+        def first(key):
+            value = input_dict.get(key)
+            return value[0] if isinstance(value, list) else value
+
+        return keep_packed(module, full_layer_name, first("weight"), first("weight" + MASK_SUFFIX),
+                           first("weight" + META_SUFFIX))
+
+    @property
+    def reverse_op(self):
+        """Saving: the packed tensors are already what the file stores."""
+        from transformers.core_model_loading import _IdentityOp
+
+        return _IdentityOp()
+
+
 class SparseCheckpointQuantizer(HfQuantizer):
     """Reads compact sparse checkpoints (see the module docstring); it quantizes nothing."""
 
     requires_calibration = True  # only pre-compressed checkpoints: it cannot compress a model while loading
     serialized_names = {"weight": ["weight", "weight" + MASK_SUFFIX, "weight" + META_SUFFIX]}
 
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        # inside `packed_loading`: keep the linear weights packed, and the quantization config on the model
+        self.packed = is_packed_loading()
+        if self.packed:
+            quantization_config.dequantize = False
+
     def get_load_operations(self) -> dict:
-        return {"dequantize": SparseDecompress}
+        return {"dequantize": SparseDecompress, "deserialize": SparseKeepPacked}
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if self.packed:
+            pack_linear_layers(model, checkpoint_files or [])
+        return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False

@@ -140,9 +140,12 @@ def encode(weight: torch.Tensor, pattern: tuple[int, int] | None = None) -> dict
     return {"values": values, "mask": mask, "meta": meta}
 
 
-def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: str = "weight") -> torch.Tensor:
+def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: str = "weight",
+           verify: bool = True) -> torch.Tensor:
     """The dense weight that `encode` compressed; `SparseFormatError` naming ``name`` when the tensors do not fit
-    together (truncated, corrupted, or written by a newer format version)."""
+    together (truncated, corrupted, or written by a newer format version). ``verify=False`` skips only the checksum
+    (for weights already verified once, expanded again at every forward pass: `packed.py`); every size and code is
+    still checked."""
     meta = meta.reshape(-1).tolist()
     if len(meta) < 2:
         raise SparseFormatError(f"{name}: its sparse record is truncated ({len(meta)} of 8 fields).")
@@ -165,12 +168,12 @@ def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: s
     # and is checked before the decoded weight is returned: a corrupted tensor is still an error, never a weight, and
     # a mismatch is the error reported even when the damaged mask also fails a check of the decoding
     with ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="optimum-recon-decode") as pool:
-        checksum = pool.submit(_checksum, values, mask)
+        checksum = pool.submit(_checksum, values, mask) if verify else None
         try:
             dense, failure = _expand(values, mask, name, kind, rows, cols, n, m, count, pool), None
         except SparseFormatError as err:
             dense, failure = None, err
-        matches = checksum.result() == crc
+        matches = checksum is None or checksum.result() == crc
     if not matches:
         raise SparseFormatError(f"{name}: the checksum of its values and mask does not match (corrupted file).")
     if failure is not None:
