@@ -70,7 +70,8 @@ class PackedLinear(nn.Module):
         self.weight_name = "weight"  # the weight's full name, for errors (set when the model is converted)
 
     def dense_weight(self) -> torch.Tensor:
-        """The expanded (out_features, in_features) weight, on the values' device (verified once, at load)."""
+        """The expanded (out_features, in_features) weight, on the values' device (verified once, at load). The
+        expansion runs on the CPU (`sparse_format.py`); on an accelerator the dense weight is copied over after it."""
         dense = decode(self.weight.detach(), self.weight_sparse_mask, self.weight_sparse_meta, self.weight_name,
                        verify=False)
         return dense.to(self.weight.device)
@@ -127,8 +128,7 @@ def pack_linear_layers(model: nn.Module, checkpoint_files: list[str]) -> int:
     return replaced
 
 
-def keep_packed(module: nn.Module, name: str, values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+def keep_packed(name: str, values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor) -> dict[str, torch.Tensor]:
     """The load operation for a `PackedLinear`: the stored record checked once in full (a corrupted one is an error
     naming the weight, as in a normal load), then kept as stored."""
     decode(values, mask, meta, name)  # the expansion is dropped: only its checks are wanted

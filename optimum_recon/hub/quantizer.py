@@ -99,7 +99,7 @@ class SparseKeepPacked(SparseDecompress):
             value = input_dict.get(key)
             return value[0] if isinstance(value, list) else value
 
-        return keep_packed(module, full_layer_name, first("weight"), first("weight" + MASK_SUFFIX),
+        return keep_packed(full_layer_name, first("weight"), first("weight" + MASK_SUFFIX),
                            first("weight" + META_SUFFIX))
 
     @property
@@ -139,7 +139,7 @@ class SparseCheckpointQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return True
+        return not self.packed  # (packed weights are expanded anew at every forward pass: nothing to train)
 
 
 def register() -> bool:
