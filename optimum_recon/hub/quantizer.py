@@ -60,6 +60,17 @@ class SparseCheckpointConfig(QuantizationConfigMixin):
                 "format_version": self.format_version, "pattern": self.pattern}
 
 
+def _stored(input_dict: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The values, mask and record of one weight as the loader hands them over (each may come as a one-item list;
+    mask and record are None for a weight stored dense)."""
+
+    def first(key):
+        value = input_dict.get(key)
+        return value[0] if isinstance(value, list) else value
+
+    return first("weight"), first("weight" + MASK_SUFFIX), first("weight" + META_SUFFIX)
+
+
 class SparseDecompress(ConversionOps):
     """The load operation: {"weight": values, "weight_sparse_mask": ..., "weight_sparse_meta": ...} -> the dense
     weight in the model parameter's dtype; a weight stored dense (no mask beside it) passes through."""
@@ -69,12 +80,8 @@ class SparseDecompress(ConversionOps):
 
     def convert(self, input_dict: dict[str, Any], source_patterns=None, target_patterns=None,
                 full_layer_name: str | None = None, model=None, **kwargs) -> dict[str, torch.Tensor]:
-        def first(key):
-            value = input_dict.get(key)
-            return value[0] if isinstance(value, list) else value
-
         name = full_layer_name or "weight"
-        weight = decode_stored(name, first("weight"), first("weight" + MASK_SUFFIX), first("weight" + META_SUFFIX))
+        weight = decode_stored(name, *_stored(input_dict))
         dtype = None
         if model is not None and full_layer_name is not None:
             try:
@@ -94,13 +101,7 @@ class SparseKeepPacked(SparseDecompress):
         module = model.get_submodule(path) if model is not None and path else None
         if not isinstance(module, PackedLinear) or leaf != "weight":
             return super().convert(input_dict, source_patterns, target_patterns, full_layer_name, model, **kwargs)
-
-        def first(key):
-            value = input_dict.get(key)
-            return value[0] if isinstance(value, list) else value
-
-        return keep_packed(full_layer_name, first("weight"), first("weight" + MASK_SUFFIX),
-                           first("weight" + META_SUFFIX))
+        return keep_packed(full_layer_name, *_stored(input_dict))
 
     @property
     def reverse_op(self):
