@@ -59,19 +59,17 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
-def _dense_state(model) -> dict:
-    """name -> tensor of every weight as a dense model holds it (a packed linear layer's weight expanded)."""
-    from optimum_recon.hub.packed import PackedLinear
+def _dense_weights(model):
+    """(name, tensor) of every weight as a dense model holds it, in name order, a packed linear layer's weight
+    expanded only when its turn comes (so that hashing a packed model never holds more than one expanded weight)."""
+    from optimum_recon.hub.packed import MASK_SUFFIX, META_SUFFIX, PackedLinear
 
-    state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in sorted(model.state_dict().items()):
         module = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if isinstance(module, PackedLinear):
-            if name.endswith(".weight"):
-                state[name] = module.dense_weight()
-            continue  # (its mask and record)
-        state[name] = tensor
-    return state
+        if not isinstance(module, PackedLinear):
+            yield name, tensor
+        elif not name.endswith((MASK_SUFFIX, META_SUFFIX)):
+            yield name, module.dense_weight()
 
 
 def measure_load(folder: str, packed: bool = False) -> dict:
@@ -96,7 +94,7 @@ def measure_load(folder: str, packed: bool = False) -> dict:
     ready = time.perf_counter() - start
     rss_load = _peak_rss_mib()
     digest = hashlib.sha256()
-    for name, tensor in sorted(_dense_state(model).items()):
+    for name, tensor in _dense_weights(model):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
     with torch.no_grad():
