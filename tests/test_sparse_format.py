@@ -199,7 +199,8 @@ def test_fields_are_read_back_from_the_packed_stream(width):
     assert torch.equal(torch.from_numpy(_codes(packed.numpy(), count, width).astype("int64")), fields)
 
 
-@pytest.mark.parametrize("numel, dtype, hinted", [(3 << 20, torch.bfloat16, True), ((1 << 20) - 256, torch.float32, False),
+@pytest.mark.parametrize("numel, dtype, hinted", [(3 << 20, torch.bfloat16, True),
+                                                  ((1 << 20) - 256, torch.float32, False),
                                                   (1000, torch.float16, False)])
 def test_a_decoded_weight_asks_for_huge_pages_only_inside_its_own_memory(monkeypatch, numel, dtype, hinted):
     from optimum_recon.hub import sparse_format
