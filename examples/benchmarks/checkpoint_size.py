@@ -82,6 +82,7 @@ def measure_load(folder: str, packed: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
     import optimum_recon  # (registers the compact format's reader)
+    from optimum_recon.modeling.loading import name_of_dtype
 
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -104,7 +105,7 @@ def measure_load(folder: str, packed: bool = False) -> dict:
     return {"load_s": load, "ready_s": ready, "rss_load_mib": rss_load, "rss_generate_mib": _peak_rss_mib(),
             "tokens_per_s": (out.shape[1] - ids.shape[1]) / gen, "weights_sha256": digest.hexdigest(),
             "logits_sha256": hashlib.sha256(logits.float().numpy().tobytes()).hexdigest(),
-            "dtype": str(model.dtype).removeprefix("torch.")}
+            "dtype": name_of_dtype(model.dtype)}
 
 
 def _load_in_subprocess(folder: Path, packed: bool = False) -> dict:

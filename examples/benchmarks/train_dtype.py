@@ -20,6 +20,7 @@ from _common import HERE, run_metadata, write_results
 
 from optimum_recon import CalibrationSet, PruningConfig, prune_model
 from optimum_recon.engine.runtime import Runtime
+from optimum_recon.modeling.loading import name_of_dtype
 from optimum_recon.reconstruction.training import native_bf16, resolve_train_dtype
 
 
@@ -57,7 +58,7 @@ def main() -> None:
     results = {
         **run_metadata(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(cpu),
-        "auto_picks": str(resolve_train_dtype("auto", cpu)).removeprefix("torch."),
+        "auto_picks": name_of_dtype(resolve_train_dtype("auto", cpu)),
         "setting": vars(args) | {"seq_len": 512, "shapes": "SmolLM2-135M blocks"}, "rounds": rounds,
         "best_seconds": {d: min(r[d] for r in rounds) for d in ("float32", "bfloat16")},
         "ratios": [r["float32"] / r["bfloat16"] for r in rounds],

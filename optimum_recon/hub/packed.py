@@ -59,7 +59,7 @@ class PackedLinear(nn.Module):
     dense (out_features, in_features) weight, uses it and lets it go."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, values: tuple[torch.Size, torch.dtype],
-                 mask_bytes: int, device: torch.device | str | None = None):
+                 mask_bytes: int, name: str = "weight", device: torch.device | str | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         shape, dtype = values
@@ -67,7 +67,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("weight_sparse_mask", torch.empty(mask_bytes, dtype=torch.uint8, device=device))
         self.register_buffer("weight_sparse_meta", torch.empty(8, dtype=torch.int64, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        self.weight_name = "weight"  # the weight's full name, for errors (set when the model is converted)
+        self.weight_name = name  # the weight's full name, for errors
 
     def dense_weight(self) -> torch.Tensor:
         """The expanded (out_features, in_features) weight, on the values' device (verified once, at load). The
@@ -121,8 +121,7 @@ def pack_linear_layers(model: nn.Module, checkpoint_files: list[str]) -> int:
             continue  # expanded dense at load, as without packed_loading
         parent_path, _, child = path.rpartition(".")
         packed = PackedLinear(module.in_features, module.out_features, module.bias is not None, values, mask_bytes,
-                              device=module.weight.device)
-        packed.weight_name = name
+                              name=name, device=module.weight.device)
         model.get_submodule(parent_path).register_module(child, packed)
         replaced += 1
     return replaced
