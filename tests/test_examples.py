@@ -164,6 +164,12 @@ def test_reconstruction_benchmark_resumes_a_finished_row(tmp_path):
     assert "done in" not in result.stdout  # nothing was run again
     assert json.loads(output.read_text())["runs"] == [row]
 
+    # without --resume the same call refuses to replace the file's rows (it once lost four measured rows)
+    result = subprocess.run([sys.executable, str(script), "--output", str(output), "--data-dir", str(tmp_path),
+                             "--methods", "sparsegpt", "--rows", "LR"], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "already holds results: pass --resume" in result.stderr
+    assert json.loads(output.read_text())["runs"] == [row]
+
 
 def test_every_benchmark_prints_its_help():
     # argparse formats help lazily: a stray "%" in a help text (say "50%") only fails when a user asks for --help

@@ -209,7 +209,10 @@ def main() -> None:
         if settings[key] == before:
             del settings[key]
     results = {**run_metadata(), "settings": settings, "runs": []}
-    if args.resume and Path(args.output).is_file():
+    if Path(args.output).is_file():
+        if not args.resume:  # hours of measured rows: never replaced by a call that forgot --resume
+            raise SystemExit(f"{args.output} already holds results: pass --resume to add rows to it, or choose "
+                             "another --output (delete the file yourself to start over)")
         _combine(results, json.loads(Path(args.output).read_text()), f"--resume: {args.output}")
     done = {(r["method"], r["row"]) for r in results["runs"]}
     for row in args.rows.split(","):
