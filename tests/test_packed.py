@@ -88,3 +88,26 @@ def test_linear_layers_with_bias_are_packed_and_other_modules_expanded(tmp_path,
     ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(packed(ids).logits, dense(ids).logits)
+
+
+def test_gradients_through_a_packed_model_are_the_dense_models(tmp_path):
+    # without autograd every layer expands into one reused scratch buffer; with it, each keeps its own memory (a
+    # reused buffer would be overwritten by the next layer before the backward pass reads it)
+    from optimum_recon.hub.packed import _SCRATCH
+
+    pruner = _pruned()
+    pruner.save_pretrained(tmp_path / "compact", save_dtype="float32", sparse_format="bitmask")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "compact")
+    with optimum_recon.packed_loading():
+        packed = AutoModelForCausalLM.from_pretrained(tmp_path / "compact")
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(packed(ids).logits, dense(ids).logits)
+    largest = max(m.in_features * m.out_features for m in packed.modules() if isinstance(m, PackedLinear))
+    assert _SCRATCH.buffers[torch.float32].numel() == largest  # one buffer, as large as the largest weight
+    grads = []
+    for model in (dense, packed):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds).logits.square().sum().backward()
+        grads.append(embeds.grad)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6) and grads[1].abs().sum() > 0

@@ -224,3 +224,37 @@ def test_decoding_a_weight_large_enough_for_huge_pages_is_bit_identical():
     w = _unstructured(torch.bfloat16, rows=1024, cols=3072)  # 6 MiB: the decoded weight is marked for huge pages
     parts = encode(w)
     assert torch.equal(_bits(decode(parts["values"], parts["mask"], parts["meta"])), _bits(w))
+
+
+def test_decoding_into_given_memory(small_chunks):
+    w = _unstructured(torch.bfloat16, rows=13, cols=47)
+    parts = encode(w)
+    memory = torch.full((13 * 47,), 7.0, dtype=torch.bfloat16)  # not zeroed first: decoding must write every entry
+    out = decode(parts["values"], parts["mask"], parts["meta"], out=memory)
+    assert out.data_ptr() == memory.data_ptr() and torch.equal(_bits(out), _bits(w))
+    for wrong in (torch.empty(13 * 47), torch.empty(13 * 47 - 1, dtype=torch.bfloat16)):
+        with pytest.raises(ValueError, match="needs a contiguous CPU torch.bfloat16 tensor of 611 entries"):
+            decode(parts["values"], parts["mask"], parts["meta"], out=wrong)
+
+
+def test_a_forked_child_decodes_with_threads_of_its_own(small_chunks):
+    # the decoding threads are shared between calls; a child forked after they started has none of them, and
+    # submitting to the parent's pool there would wait forever
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    w = _unstructured(torch.float32, rows=13, cols=47)
+    parts = encode(w)
+    assert torch.equal(decode(parts["values"], parts["mask"], parts["meta"]), w)  # the parent's threads start
+    child = multiprocessing.get_context("fork").Process(target=_decode_and_check, args=(parts, w))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child's decoding did not finish")
+    assert child.exitcode == 0
+
+
+def _decode_and_check(parts, w):
+    raise SystemExit(0 if torch.equal(decode(parts["values"], parts["mask"], parts["meta"]), w) else 1)

@@ -3,7 +3,8 @@
 Why: the compact format (`sparse_format.py`) saves disk and download, but a model loaded from it is dense in memory.
 For a user whose limit is RAM rather than speed, `packed_loading` keeps every compressed linear weight as its kept
 values, packed positions and record (0.5625 of its dense bytes at 50% unstructured) and expands it only for the
-duration of its own layer's forward pass, so at most one expanded weight exists at a time beside the packed model.
+duration of its own layer's forward pass, into scratch memory that every layer reuses (as large as the largest
+weight), so about one expanded weight exists at a time beside the packed model.
 The price is the expansion at every forward pass, about what decoding that weight costs at load (measured in
 docs/benchmarks.md):
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from typing import Iterator
 
 import torch
@@ -77,12 +79,34 @@ class PackedLinear(nn.Module):
         return dense.to(self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dense_weight()
+        if torch.is_grad_enabled() and x.requires_grad:
+            weight = self.dense_weight()  # autograd keeps it for the backward pass: memory of its own
+        else:
+            # expanded into this thread's scratch memory, reused by every layer (see `_scratch`)
+            dense = decode(self.weight.detach(), self.weight_sparse_mask, self.weight_sparse_meta, self.weight_name,
+                           verify=False, out=_scratch(self.out_features * self.in_features, self.weight.dtype))
+            weight = dense.to(self.weight.device)
         return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"packed={self.weight.numel()} values")
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """``numel`` entries of this thread's scratch memory for ``dtype``: the first entries of one buffer, grown to the
+    largest weight seen. Why: expanding every weight into fresh memory at every forward pass paid that memory's page
+    faults each time (measured in docs/benchmarks.md). A layer's expanded weight is dead once its ``F.linear`` has
+    run (autograd, which would keep it, gets fresh memory instead), so the next layer can reuse the same memory. Cost:
+    one dense weight of the largest shape per dtype and per thread that runs the model, kept while the thread lives."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
 
 
 def compressed_weights(checkpoint_files: list[str]) -> dict[str, tuple[tuple[torch.Size, torch.dtype], int]]:

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import sys
+import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import lru_cache
 
 import numpy as np
@@ -141,11 +143,12 @@ def encode(weight: torch.Tensor, pattern: tuple[int, int] | None = None) -> dict
 
 
 def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: str = "weight",
-           verify: bool = True) -> torch.Tensor:
+           verify: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense weight that `encode` compressed; `SparseFormatError` naming ``name`` when the tensors do not fit
     together (truncated, corrupted, or written by a newer format version). ``verify=False`` skips only the checksum
     (for weights already verified once, expanded again at every forward pass: `packed.py`); every size and code is
-    still checked."""
+    still checked. ``out``: a contiguous CPU tensor of the weight's dtype and number of entries to decode into (its
+    memory reused instead of fresh memory, which costs page faults); the result is then a view of it."""
     meta = meta.reshape(-1).tolist()
     if len(meta) < 2:
         raise SparseFormatError(f"{name}: its sparse record is truncated ({len(meta)} of 8 fields).")
@@ -167,13 +170,17 @@ def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: s
     # the checksum runs beside the decoding, submitted first to the pool the chunks run on (zlib releases the GIL),
     # and is checked before the decoded weight is returned: a corrupted tensor is still an error, never a weight, and
     # a mismatch is the error reported even when the damaged mask also fails a check of the decoding
-    with ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="optimum-recon-decode") as pool:
-        checksum = pool.submit(_checksum, values, mask) if verify else None
-        try:
-            dense, failure = _expand(values, mask, name, kind, rows, cols, n, m, count, pool), None
-        except SparseFormatError as err:
-            dense, failure = None, err
-        matches = checksum is None or checksum.result() == crc
+    if out is not None and (out.device.type != "cpu" or out.dtype != values.dtype or out.numel() != rows * cols
+                            or not out.is_contiguous()):
+        raise ValueError(f"decode(out=...): {name} needs a contiguous CPU {values.dtype} tensor of {rows * cols} "
+                         f"entries, not {out.dtype} {tuple(out.shape)} on {out.device}.")
+    pool = _pool()
+    checksum = pool.submit(_checksum, values, mask) if verify else None
+    try:
+        dense, failure = _expand(values, mask, name, kind, rows, cols, n, m, count, pool, out), None
+    except SparseFormatError as err:
+        dense, failure = None, err
+    matches = checksum is None or checksum.result() == crc
     if not matches:
         raise SparseFormatError(f"{name}: the checksum of its values and mask does not match (corrupted file).")
     if failure is not None:
@@ -182,12 +189,12 @@ def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: s
 
 
 def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows: int, cols: int, n: int, m: int,
-            count: int, pool: ThreadPoolExecutor) -> torch.Tensor:
+            count: int, pool: ThreadPoolExecutor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense (rows, cols) weight from checked-in-size values and mask (`decode`'s second half), in chunks that
-    run on ``pool``'s threads."""
+    run on ``pool``'s threads, written into ``out`` when given."""
     # not zeroed here: each chunk zeroes its own slice on its thread (fresh pages are faulted in and zeroed by the
     # threads in parallel, instead of one serial pass over the whole weight first)
-    dense = _fresh(rows * cols, values.dtype)
+    dense = _fresh(rows * cols, values.dtype) if out is None else out.view(-1)
     # the bits are moved, never converted: every dtype is read and written as the integer type of its size
     out, kept_values, packed = _as_bits(dense), _as_bits(values), mask.numpy()
     total = rows * cols
@@ -263,7 +270,9 @@ def _run(pool: ThreadPoolExecutor, work, count: int) -> None:
     if count == 1:
         work(0)
         return
-    for future in [pool.submit(work, index) for index in range(count)]:
+    futures = [pool.submit(work, index) for index in range(count)]
+    wait(futures)  # all of them, even after a failure: no chunk may still be writing once this returns
+    for future in futures:
         future.result()
 
 
@@ -321,6 +330,32 @@ _MIN_CHUNK = 1 << 18
 
 def _workers() -> int:
     return max(1, min(torch.get_num_threads(), 8))
+
+
+# One pool per thread count, shared by every decoding: a compact load decodes hundreds of weights, and a packed model
+# (`packed.py`) every weight at every forward pass, where starting threads for each one was a measurable part of the
+# cost. Its threads only ever run chunks and checksums, never `decode` itself, so waiting on them cannot deadlock.
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    workers = _workers()
+    with _POOLS_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="optimum-recon-decode")
+        return _POOLS[workers]
+
+
+def _forget_pools() -> None:
+    """In a forked child, which has none of the parent's threads (nor a lock that one of them held): new pools."""
+    global _POOLS_LOCK
+    _POOLS_LOCK = threading.Lock()
+    _POOLS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _chunk(total: int) -> int:
