@@ -71,21 +71,19 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self.weight_name = name  # the weight's full name, for errors
 
-    def dense_weight(self) -> torch.Tensor:
-        """The expanded (out_features, in_features) weight, on the values' device (verified once, at load). The
-        expansion runs on the CPU (`sparse_format.py`); on an accelerator the dense weight is copied over after it."""
+    def dense_weight(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The expanded (out_features, in_features) weight, on the values' device (verified once, at load), in fresh
+        memory or in ``out`` (CPU). The expansion runs on the CPU (`sparse_format.py`); on an accelerator the dense
+        weight is copied over after it."""
         dense = decode(self.weight.detach(), self.weight_sparse_mask, self.weight_sparse_meta, self.weight_name,
-                       verify=False)
+                       verify=False, out=out)
         return dense.to(self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            weight = self.dense_weight()  # autograd keeps it for the backward pass: memory of its own
-        else:
-            # expanded into this thread's scratch memory, reused by every layer (see `_scratch`)
-            dense = decode(self.weight.detach(), self.weight_sparse_mask, self.weight_sparse_meta, self.weight_name,
-                           verify=False, out=_scratch(self.out_features * self.in_features, self.weight.dtype))
-            weight = dense.to(self.weight.device)
+        # into this thread's scratch memory, reused by every layer (see `_scratch`), unless autograd keeps the weight
+        # for the backward pass: then memory of its own
+        keeps = torch.is_grad_enabled() and x.requires_grad
+        weight = self.dense_weight(None if keeps else _scratch(self.out_features * self.in_features, self.weight.dtype))
         return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

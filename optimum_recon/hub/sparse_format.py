@@ -189,12 +189,12 @@ def decode(values: torch.Tensor, mask: torch.Tensor, meta: torch.Tensor, name: s
 
 
 def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows: int, cols: int, n: int, m: int,
-            count: int, pool: ThreadPoolExecutor, out: torch.Tensor | None = None) -> torch.Tensor:
+            count: int, pool: ThreadPoolExecutor, into: torch.Tensor | None = None) -> torch.Tensor:
     """The dense (rows, cols) weight from checked-in-size values and mask (`decode`'s second half), in chunks that
-    run on ``pool``'s threads, written into ``out`` when given."""
+    run on ``pool``'s threads, written into ``into`` when given."""
     # not zeroed here: each chunk zeroes its own slice on its thread (fresh pages are faulted in and zeroed by the
     # threads in parallel, instead of one serial pass over the whole weight first)
-    dense = _fresh(rows * cols, values.dtype) if out is None else out.view(-1)
+    dense = _fresh(rows * cols, values.dtype) if into is None else into.view(-1)
     # the bits are moved, never converted: every dtype is read and written as the integer type of its size
     out, kept_values, packed = _as_bits(dense), _as_bits(values), mask.numpy()
     total = rows * cols
