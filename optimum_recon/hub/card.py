@@ -91,12 +91,15 @@ def _what_was_done(config: PruningConfig, report: PruningReport | None) -> str:
 
 def _allocation_words(config: PruningConfig, report: PruningReport | None) -> str:
     """How the sparsity was spread over the blocks, when not evenly."""
-    if config.allocation == "uniform":
+    policy = config.allocation_policy
+    if policy == "uniform":
         return ""
     spread = (report.allocation or {}).get("block_sparsity") if report is not None else None
     blocks = f": blocks from {min(spread):.1%} to {max(spread):.1%}, see the table below" if spread else ""
-    if config.allocation == "owl":
-        return (f", spread over the blocks by OWL, outlier-weighted layerwise sparsity (Yin et al., 2024; "
+    if policy == "owl":
+        auto = config.allocation == "auto"
+        chosen = " (the default for unstructured sparsity, `allocation=\"auto\"`)" if auto else ""
+        return (f", spread over the blocks by OWL, outlier-weighted layerwise sparsity{chosen} (Yin et al., 2024; "
                 f"M = {config.owl_threshold:g}, lambda = {config.owl_lambda:g}): blocks whose Wanda scores hold more "
                 f"outliers are pruned less{blocks}")
     return f", spread over the layers by a per-layer table (`allocation` in `pruning_config.json`){blocks}"
