@@ -249,7 +249,7 @@ def test_the_card_says_how_the_sparsity_was_spread_and_each_blocks_share():
                                                            allocation="uniform"), None))
     assert "OWL" not in str(build_model_card(PruningConfig(method="wanda", pattern="2:4"), None))
     default = str(build_model_card(PruningConfig(method="wanda"), None))
-    assert "by OWL, outlier-weighted layerwise sparsity (the default for unstructured sparsity" in default
+    assert "lambda = 0.08; the default for unstructured sparsity, `allocation=\"auto\"`)" in default
 
 
 @pytest.mark.parametrize("value,expected", [("owl", "owl"), ("uniform", "uniform"), ("auto", "auto"),
