@@ -24,7 +24,7 @@ CONFIG_NAME = "pruning_config.json"
 
 PROPAGATIONS = ("global", "local")
 # Settings whose default changed when they were added, and how a recipe written before that ran.
-_BEFORE_IT_EXISTED = {"guard": False, "loss": "mse"}
+_BEFORE_IT_EXISTED = {"guard": False, "loss": "mse", "allocation": "uniform"}
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -60,11 +60,13 @@ class PruningConfig:
             pattern it is fixed to `1 - N/M`.
         pattern: `"unstructured"` or `"N:M"` (at most N nonzeros in every M consecutive input weights).
         method: Mask method: `sparsegpt`, `wanda`, `magnitude` or `alps` (ALPS: mask and weights by ADMM, for 60-70%).
-        allocation: How `sparsity` is spread over the pruned layers: `uniform` (every layer the same), `owl`
-            (outlier-weighted: blocks whose Wanda scores hold more outliers are pruned less, others more, see
-            `owl_threshold` and `owl_lambda`; costs one extra forward pass over the calibration windows), or a
-            table {module name or prefix: sparsity} (e.g. {"model.layers.0": 0.3}: layers it does not name share the
-            rest). Either way the model's fraction of zeros is `sparsity` to within half a weight. Unstructured only.
+        allocation: How `sparsity` is spread over the pruned layers: `auto` (default: `owl` for unstructured
+            sparsity, where it measured better, `uniform` for N:M or where `owl_lambda` does not fit around
+            `sparsity`), `uniform` (every layer the same), `owl` (outlier-weighted: blocks whose Wanda scores hold
+            more outliers are pruned less, others more, see `owl_threshold` and `owl_lambda`; costs one extra forward
+            pass over the calibration windows), or a table {module name or prefix: sparsity} (e.g.
+            {"model.layers.0": 0.3}: layers it does not name share the rest). Either way the model's fraction of
+            zeros is `sparsity` to within half a weight. `owl` and tables need unstructured sparsity.
         owl_threshold: OWL: a score is an outlier above this many times its block's mean score (the paper's M).
         owl_lambda: OWL: block sparsities span at most 2 x this around `sparsity` (the paper's lambda).
         reconstruction: `layer` (LR: the mask method alone; SparseGPT's update is its layer-wise
@@ -112,7 +114,7 @@ class PruningConfig:
     sparsity: float = 0.5
     pattern: str = "unstructured"
     method: str = "sparsegpt"
-    allocation: str | dict[str, float] = "uniform"
+    allocation: str | dict[str, float] = "auto"
     owl_threshold: float = 5.0
     owl_lambda: float = 0.08
     reconstruction: str = "block"
@@ -171,7 +173,7 @@ class PruningConfig:
                              f"{', '.join(map(repr, POLICIES))}, or give a table {{module name: sparsity}}.")
         check_number("owl_threshold", self.owl_threshold, 0, None, low_open=True, example="5")
         check_number("owl_lambda", self.owl_lambda, 0, 0.5, high_open=True, example="0.08")
-        if self.allocation != "uniform" and self.nm is not None:
+        if self.allocation not in ("auto", "uniform") and self.nm is not None:
             raise ValueError(f"allocation={self.allocation if isinstance(self.allocation, str) else 'a table'!r} "
                              f"needs unstructured sparsity: pattern={self.pattern!r} fixes every layer's sparsity at "
                              f"{self.sparsity:g}. Use allocation='uniform' with N:M.")
@@ -243,6 +245,13 @@ class PruningConfig:
                               f"the layer names, as before. Write a dotted name ({pattern.strip('^$')!r} style, "
                               f"matched on dot boundaries) or 're:{pattern}' for a regex that must match a whole "
                               "name.", stacklevel=4)
+
+    @property
+    def allocation_policy(self) -> str:
+        """The allocation a prune uses: `owl`, `uniform` or `table` (`auto` resolved, see `masks/allocation.py`)."""
+        from .masks.allocation import resolve_policy
+
+        return resolve_policy(self.allocation, self.sparsity, self.owl_lambda, self.nm)
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -30,14 +30,15 @@ def float_or_auto(text: str) -> float | str:
 
 
 def allocation_value(text: str) -> str | dict[str, float]:
-    """`uniform`, `owl`, a JSON object {module name: sparsity}, or the path of a JSON file holding one (the
+    """`auto`, `uniform`, `owl`, a JSON object {module name: sparsity}, or the path of a JSON file holding one (the
     `allocation` flag)."""
     text = text.strip()
-    if text in ("uniform", "owl"):
+    if text in ("auto", "uniform", "owl"):
         return text
     if not text.startswith("{"):
         if not os.path.isfile(text):
-            raise argparse.ArgumentTypeError(f"{text!r} is not 'uniform', 'owl', a JSON object or a JSON file")
+            raise argparse.ArgumentTypeError(f"{text!r} is not 'auto', 'uniform', 'owl', a JSON object or a JSON "
+                                             "file")
         with open(text, encoding="utf-8") as fh:
             text = fh.read()
     try:

@@ -203,6 +203,8 @@ class PruningReport:
             how = (f"OWL (outlier ratio above {allocation.get('threshold', 0):g}x the block mean, lambda "
                    f"{allocation.get('owl_lambda', 0):g}; {allocation.get('seconds', 0):.1f} s)"
                    if allocation["policy"] == "owl" else "the allocation table")
+            if allocation.get("requested") == "auto":
+                how += ", the default allocation='auto' for unstructured sparsity"
             lines.insert(1, f"sparsity spread over the blocks by {how}: from {min(spread):.2%} to {max(spread):.2%}")
         header = f"{'block':>5} {'sparsity':>8} {'error':>10} {'normalized':>10}"
         if trained:

@@ -58,8 +58,11 @@ def main() -> None:
                 time.sleep(600)
             pruner.model.model.layers[1].register_forward_pre_hook(stall)
         if args.crash_at_block is not None:
-            def crash(module, inputs):
-                raise RuntimeError("injected crash")
+            before = pruner.model.model.layers[args.crash_at_block - 1].self_attn.q_proj.weight
+
+            def crash(module, inputs):  # once the block before is pruned (OWL's dense pass runs every block first)
+                if bool((before == 0).any()):
+                    raise RuntimeError("injected crash")
             pruner.model.model.layers[args.crash_at_block].register_forward_pre_hook(crash)
         report = pruner.prune(progress=False, checkpoint_dir=args.checkpoint_dir)
         ppl = pruner.evaluate(args.text, seq_len=16, progress=False)[args.text].perplexity

@@ -206,7 +206,7 @@ def test_owl_is_reproducible_and_the_same_with_activations_on_disk(tmp_path):
 
 @pytest.mark.parametrize("bad,message", [
     (dict(allocation="owl", pattern="2:4"), "needs unstructured sparsity"),
-    (dict(allocation="outlier"), "choose one of 'uniform', 'owl'"),
+    (dict(allocation="outlier"), "choose one of 'auto', 'uniform', 'owl'"),
     (dict(owl_lambda=0.5), "owl_lambda=0.5 is not valid"),
     (dict(owl_lambda=-0.1), "owl_lambda=-0.1 is not valid"),
     (dict(owl_threshold=0), "owl_threshold=0 is not valid"),
@@ -245,10 +245,14 @@ def test_the_card_says_how_the_sparsity_was_spread_and_each_blocks_share():
     low, high = min(report.allocation["block_sparsity"]), max(report.allocation["block_sparsity"])
     assert "spread over the blocks by OWL" in card and f"blocks from {low:.1%} to {high:.1%}" in card
     assert "Sparsity per block (OWL): 0: " in card and "--allocation owl" in card
-    assert "OWL" not in str(build_model_card(PruningConfig(method="wanda", reconstruction="layer"), None))
+    assert "OWL" not in str(build_model_card(PruningConfig(method="wanda", reconstruction="layer",
+                                                           allocation="uniform"), None))
+    assert "OWL" not in str(build_model_card(PruningConfig(method="wanda", pattern="2:4"), None))
+    default = str(build_model_card(PruningConfig(method="wanda"), None))
+    assert "lambda = 0.08; the default for unstructured sparsity, `allocation=\"auto\"`)" in default
 
 
-@pytest.mark.parametrize("value,expected", [("owl", "owl"), ("uniform", "uniform"),
+@pytest.mark.parametrize("value,expected", [("owl", "owl"), ("uniform", "uniform"), ("auto", "auto"),
                                             ('{"model.layers.0": 0.3}', {"model.layers.0": 0.3})])
 def test_the_cli_reads_a_policy_a_json_table_or_a_table_file(value, expected, tmp_path):
     import argparse
@@ -272,6 +276,43 @@ def test_the_summary_says_how_the_sparsity_was_spread():
     assert "sparsity spread over the blocks by OWL (outlier ratio above 5x the block mean, lambda 0.08" in text
     low = min(report.allocation["block_sparsity"])
     assert f"from {low:.2%}" in text
-    uniform = prune_model(make_tiny_model("llama"), PruningConfig(method="wanda", reconstruction="layer"), _ids(),
-                          QUIET)
+    assert "allocation='auto'" not in text and "requested" not in report.allocation
+    uniform = prune_model(make_tiny_model("llama"), PruningConfig(method="wanda", reconstruction="layer",
+                                                                  allocation="uniform"), _ids(), QUIET)
     assert "spread over" not in uniform.summary() and uniform.allocation["policy"] == "uniform"
+
+
+@pytest.mark.parametrize("settings,policy", [
+    (dict(), "owl"),                                   # the default: 50% unstructured
+    (dict(sparsity=0.7, owl_lambda=0.1), "owl"),
+    (dict(pattern="2:4"), "uniform"),                  # N:M fixes every layer's sparsity
+    (dict(pattern="4:8", allocation="auto"), "uniform"),
+    (dict(sparsity=0.1), "uniform"),                   # 0.1 - 2 x 0.08 < 0: a block could need a negative sparsity
+    (dict(sparsity=0.9), "uniform"),                   # 0.9 + 2 x 0.08 >= 1
+    (dict(sparsity=0.1, owl_lambda=0.05), "owl"),
+    (dict(allocation="uniform"), "uniform"),
+    (dict(allocation={"model.layers.0": 0.3}), "table"),
+])
+def test_auto_means_owl_where_it_fits_and_uniform_elsewhere(settings, policy):
+    config = PruningConfig(**settings)
+    assert config.allocation_policy == policy
+    assert config.allocation == settings.get("allocation", "auto")  # the recipe keeps what was asked for
+
+
+def test_the_default_runs_owl_and_says_it_was_chosen_by_default():
+    model = make_tiny_model("llama", num_hidden_layers=3)
+    report = prune_model(model, PruningConfig(method="wanda", sparsity=0.6, reconstruction="layer"), _ids(), QUIET)
+    assert report.allocation["policy"] == "owl" and report.allocation["requested"] == "auto"
+    assert len(set(report.allocation["block_sparsity"])) > 1
+    assert "the default allocation='auto' for unstructured sparsity" in report.summary()
+    nm = prune_model(make_tiny_model("llama", num_hidden_layers=3), PruningConfig(method="wanda", pattern="2:4",
+                     reconstruction="layer"), _ids(), QUIET)
+    assert nm.allocation["policy"] == "uniform" and set(nm.allocation["block_sparsity"]) == {0.5}
+
+
+def test_a_recipe_written_before_allocation_existed_reruns_uniform():
+    old = PruningConfig().to_dict()
+    del old["allocation"], old["owl_threshold"], old["owl_lambda"]
+    old["optimum_recon_version"] = "0.1.0"
+    assert PruningConfig.from_dict(old).allocation == "uniform"
+    assert PruningConfig.from_dict(PruningConfig().to_dict()).allocation == "auto"

@@ -48,4 +48,4 @@ def test_bundled_model_prunes_and_reloads(tmp_path):
     out = pruner.save_pretrained(tmp_path / "m")
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     w = reloaded.model.layers[5].self_attn.q_proj.weight
-    assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+    assert float((w == 0).float().mean()) == pytest.approx(report.blocks[5].sparsity, abs=1e-3)  # its OWL share

@@ -53,7 +53,8 @@ def test_captured_inputs_reproduce_the_forward_pass(arch, calib_ids):
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_prune_matrix(arch, method, pattern, calib_ids):
     model = make_tiny_model(arch)
-    config = PruningConfig(method=method, pattern=pattern, reconstruction="layer")
+    # uniform: every layer exactly 50% (OWL's per-block shares are tested in test_allocation.py)
+    config = PruningConfig(method=method, pattern=pattern, reconstruction="layer", allocation="uniform")
     report = prune_model(model, config, calib_ids, QUIET)
     _, blocks = find_blocks(model)
     assert len(report.blocks) == len(blocks)

@@ -29,9 +29,10 @@ GOLDEN = Path(__file__).resolve().parent / "golden_prunes.json"
 # The recipes recorded before the guard, lr="auto" and the relative loss (their defaults then: lr 2e-4, unguarded,
 # MSE), and the defaults now but for train_dtype: "auto" trains in bfloat16 on CPUs with AMX and in float32 on
 # others, and bfloat16 kernels round differently from one CPU generation to the next.
-_BEFORE = dict(lr=2e-4, guard=False, loss="mse", train_dtype="float32")
+# All were recorded before allocation="auto" (OWL for unstructured sparsity) became the default: they keep "uniform".
+_BEFORE = dict(lr=2e-4, guard=False, loss="mse", train_dtype="float32", allocation="uniform")
 RECIPES = {
-    "llama-sparsegpt-LR": ("llama", dict(method="sparsegpt", reconstruction="layer")),
+    "llama-sparsegpt-LR": ("llama", dict(method="sparsegpt", reconstruction="layer", allocation="uniform")),
     "llama-wanda-2:4-BR": ("llama", dict(method="wanda", pattern="2:4", reconstruction="block", epochs=2,
                                          batch_size=4, **_BEFORE)),
     "gpt2-magnitude-CR-local": ("gpt2", dict(method="magnitude", reconstruction="cross_block", propagation="local",
@@ -39,9 +40,9 @@ RECIPES = {
     "opt-sparsegpt-4:8-BR-lora": ("opt", dict(method="sparsegpt", pattern="4:8", reconstruction="block", epochs=1,
                                               batch_size=4, lora_rank=4, **_BEFORE)),
     "llama-sparsegpt-BR-guarded-auto": ("llama", dict(method="sparsegpt", epochs=3, batch_size=4,
-                                                       train_dtype="float32")),
+                                                       train_dtype="float32", allocation="uniform")),
     "gpt2-wanda-CR-guarded-auto": ("gpt2", dict(method="wanda", reconstruction="cross_block", epochs=2,
-                                                batch_size=4, train_dtype="float32")),
+                                                batch_size=4, train_dtype="float32", allocation="uniform")),
 }
 
 

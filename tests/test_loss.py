@@ -76,7 +76,8 @@ def test_the_losses_differ_in_what_they_train_toward(calib_ids):
     """Each loss ends lower in its own measure than the other loss does (same masks, same data, same steps)."""
     calibration = _calibration(calib_ids)
     runs = {loss: prune_model(make_tiny_model("llama"), PruningConfig(method="magnitude", epochs=6, batch_size=2,
-                                                                      lr=1e-2, guard=False, loss=loss),
+                                                                      lr=1e-2, guard=False, loss=loss,
+                                                                      allocation="uniform"),
                               calibration, QUIET) for loss in ("mse", "relative")}
     first = {loss: r.blocks[0] for loss, r in runs.items()}
     assert first["relative"].error_relative < first["mse"].error_relative

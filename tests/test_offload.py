@@ -306,4 +306,5 @@ def test_full_offload_disk_is_reported_and_leaves_the_weights_intact(checkpoint,
     for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
         # block 1 (on disk) failed to write back: its weights are still the original, unpruned ones
         assert torch.equal(load_offloaded_parameter(offloaded, name), state[name])
-    assert (offloaded.model.layers[0].mlp.down_proj.weight == 0).float().mean() == 0.5  # block 0 finished
+    # block 0 finished: pruned to its OWL share (the default allocation), within 2 x 0.08 of 50%
+    assert 0.5 - 0.17 < float((offloaded.model.layers[0].mlp.down_proj.weight == 0).float().mean()) < 0.5 + 0.17

@@ -14,7 +14,8 @@ from optimum_recon import CalibrationSet, PruningConfig, prune_model
 from optimum_recon.modeling import find_blocks, find_linear_layers
 from optimum_recon.reconstruction import RECONSTRUCTIONS, BlockReconstruction, CrossBlockReconstruction
 
-FAST = dict(epochs=4, lr=1e-3, batch_size=4)
+# uniform: these tests check every layer at exactly 50% (OWL's per-block shares: test_allocation.py)
+FAST = dict(epochs=4, lr=1e-3, batch_size=4, allocation="uniform")
 
 
 def _zeros_and_groups_ok(model, nm=None):

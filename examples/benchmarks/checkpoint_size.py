@@ -151,8 +151,8 @@ def run_model(name: str, args) -> list[dict]:
     print(rows[-1], flush=True)
     for setting in args.settings:
         options = SETTINGS[setting]
-        pruner = ReconPruner.from_pretrained(str(source), PruningConfig(method="magnitude", reconstruction="layer",
-                                                                        **options), read_calibration=False)
+        config = PruningConfig(method="magnitude", reconstruction="layer", allocation="uniform", **options)
+        pruner = ReconPruner.from_pretrained(str(source), config, read_calibration=False)
         torch.manual_seed(0)
         ids = torch.randint(0, pruner.model.config.vocab_size, (2, 32))
         pruner.report = prune_model(pruner.model, pruner.config, CalibrationSet(ids), Runtime(progress=False))

@@ -63,7 +63,7 @@ def main() -> None:
             pruned.append(str(folder))
             continue
         config = PruningConfig(method="sparsegpt", sparsity=0.5, reconstruction=reconstruction, propagation="global",
-                               epochs=args.epochs, calibration=CalibrationConfig(
+                               epochs=args.epochs, allocation="uniform", calibration=CalibrationConfig(
                                    source=source, num_samples=args.num_samples, seq_len=args.seq_len, seed=0))
         pruner = ReconPruner.from_pretrained(dense, config=config)
         start = time.perf_counter()

@@ -47,7 +47,7 @@ def _config(args, method: str, pattern: str):
     from optimum_recon import CalibrationConfig, PruningConfig
 
     return PruningConfig(sparsity=0.5, pattern=pattern, method=method, reconstruction="layer", propagation="global",
-                         batch_size=args.batch_size,
+                         batch_size=args.batch_size, allocation="uniform",
                          calibration=CalibrationConfig(source="c4", num_samples=args.num_samples,
                                                        seq_len=args.seq_len, seed=0))
 

@@ -37,7 +37,7 @@ def worker(args: argparse.Namespace) -> None:
     from optimum_recon import distributed as dist
 
     config = PruningConfig(method="sparsegpt", sparsity=0.5, reconstruction=SETTINGS[args.setting],
-                           propagation="global", epochs=args.epochs, batch_size=args.batch_size,
+                           propagation="global", epochs=args.epochs, batch_size=args.batch_size, allocation="uniform",
                            calibration=CalibrationConfig(source=args.source, num_samples=args.num_samples,
                                                          seq_len=args.seq_len, seed=0))
     pruner = ReconPruner.from_pretrained(args.model, config=config)

@@ -34,7 +34,7 @@ def run(args, lr: float | None) -> dict:
     # batch 8 as every row of the sweep was measured (the library's default became 4 later)
     training = {"epochs": 0} if lr is None else {"epochs": args.epochs, "lr": lr, "guard": guard, "batch_size": 8}
     config = PruningConfig(method=args.method, sparsity=0.5, reconstruction="layer" if lr is None else "block",
-                           propagation="global", **training,
+                           propagation="global", allocation="uniform", **training,
                            calibration=CalibrationConfig(source=args.source, num_samples=args.num_samples,
                                                          seq_len=args.seq_len, heldout_samples=args.heldout, seed=0))
     pruner = ReconPruner.from_pretrained(args.model, config=config)

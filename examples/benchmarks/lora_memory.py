@@ -50,7 +50,7 @@ def run_one(shape: str, rank: int, steps: int, seq_len: int) -> dict:
     ids = torch.randint(0, config.vocab_size, (batch * steps, seq_len), generator=torch.Generator().manual_seed(0))
     # magnitude masks: no statistics pass and no SparseGPT solve, so the time is the training's
     recipe = PruningConfig(method="magnitude", sparsity=0.5, reconstruction="block", epochs=1, batch_size=batch,
-                           lora_rank=rank)
+                           lora_rank=rank, allocation="uniform")
     before = rss_mib()[0]
     start = time.perf_counter()
     report = prune_model(model, recipe, ids, Runtime(progress=False))

@@ -80,8 +80,9 @@ def _config(args, reconstruction: str, num_samples: int, seq_len: int):
 
     source = str(Path(args.work_dir) / "tiny.txt") if args.tiny else "c4"
     return PruningConfig(method="sparsegpt", sparsity=0.5, reconstruction=reconstruction, propagation="global",
-                         epochs=args.epochs, calibration=CalibrationConfig(source=source, num_samples=num_samples,
-                                                                           seq_len=seq_len, heldout_samples=0, seed=0))
+                         epochs=args.epochs, allocation="uniform",
+                         calibration=CalibrationConfig(source=source, num_samples=num_samples, seq_len=seq_len,
+                                                       heldout_samples=0, seed=0))
 
 
 def run_bundled(args, mode: str, row: str) -> dict:

@@ -37,10 +37,13 @@ from pathlib import Path
 from _common import HERE, add_data_dir_argument, offline_env, run_metadata, write_results
 
 # The rows measured before the guard existed train at the paper's fixed lr without it (as they were run);
-# "default" is PruningConfig's defaults (guarded, lr="auto") with nothing else set.
-_FIXED = {"lr": 2e-4, "guard": False, "batch_size": 8}
+# "default" is PruningConfig's defaults (guarded, lr="auto", allocation="auto") with nothing else set. Those rows
+# measured before allocation="auto" became the default (uniform then) are named "default allocation=uniform" in the
+# results; the fixed rows keep the uniform allocation they were measured with ("LR allocation=owl" asks for OWL).
+_FIXED = {"lr": 2e-4, "guard": False, "batch_size": 8, "allocation": "uniform"}
 ROWS = {  # name -> (reconstruction, propagation, extra config)
-    "LR": ("layer", "global", {"batch_size": 8}),  # (forward passes in batches of 8, as the rows were measured)
+    # (forward passes in batches of 8, as the rows were measured)
+    "LR": ("layer", "global", {"batch_size": 8, "allocation": "uniform"}),
     "BR": ("block", "local", _FIXED),
     "BR+GP": ("block", "global", _FIXED),
     "BR+GP+CR": ("cross_block", "global", _FIXED),

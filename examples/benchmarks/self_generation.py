@@ -67,7 +67,7 @@ def quality(args) -> list[dict]:
         for k in (0, args.quality_n, 2 * args.quality_n, 4 * args.quality_n):
             source = "c4" if k == 0 else f"c4+self:{k}"
             config = PruningConfig(method="sparsegpt", reconstruction=reconstruction, propagation="global",
-                                   epochs=args.epochs,
+                                   epochs=args.epochs, allocation="uniform",
                                    calibration=CalibrationConfig(source=source, num_samples=args.quality_n,
                                                                  seq_len=args.seq_len, heldout_samples=16))
             pruner = ReconPruner.from_pretrained(args.model, config=config)

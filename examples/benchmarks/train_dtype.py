@@ -37,7 +37,7 @@ def train_seconds(dtype: str, args) -> float:
     model = _model(args.blocks)
     ids = torch.randint(0, 1024, (args.windows, 512), generator=torch.Generator().manual_seed(1))
     config = PruningConfig(method="sparsegpt", epochs=args.epochs, lr=1e-4, guard=False, batch_size=4,
-                           train_dtype=dtype, calibration={"heldout_samples": 0})
+                           train_dtype=dtype, allocation="uniform", calibration={"heldout_samples": 0})
     report = prune_model(model, config, CalibrationSet(ids), Runtime(progress=False))
     return sum(w["seconds"] for b in report.blocks for w in b.reconstruction.get("windows", []))
 

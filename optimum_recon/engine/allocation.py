@@ -40,10 +40,13 @@ def allocate(run: "RunState") -> tuple[dict[str, int], dict[str, Any]]:
             names.append(f"{run.path}.{e}.{layer.name}")
             sizes.append(layer.module.weight.numel())
             block_of.append(e)
-    record: dict[str, Any] = {"policy": config.allocation if isinstance(config.allocation, str) else "table"}
-    if config.nm is not None or config.allocation == "uniform":
+    policy = config.allocation_policy
+    record: dict[str, Any] = {"policy": policy}
+    if config.allocation == "auto":
+        record["requested"] = "auto"
+    if policy == "uniform":
         sparsities = [config.sparsity] * len(names)
-    elif isinstance(config.allocation, dict):
+    elif policy == "table":
         sparsities = table_sparsities(config.allocation, names, sizes, config.sparsity)
     else:  # owl
         ratios = _outlier_ratios(run)
@@ -80,7 +83,8 @@ def _outlier_ratios(run: "RunState") -> list[float]:
     ratios = []
     for e, block in enumerate(run.blocks):
         layers = run.plan[e]
-        with onload(block, execution_device(block, run.requested_device)) as device:
+        # read only: an offloaded block is not written back (on disk that would rewrite the whole model once)
+        with onload(block, execution_device(block, run.requested_device), keep_changes=False) as device:
             outputs = store.new()
             with StatisticsHooks(layers, wanda, device) as hooks:
                 for b, batch in enumerate(x):

@@ -77,7 +77,8 @@ def _what_was_done(config: PruningConfig, report: PruningReport | None) -> str:
     else:
         data = f"{cal.num_samples} calibration windows of {cal.seq_len} tokens drawn from `{cal.external_source}`"
     words = (
-        f"Pruned one-shot with optimum-recon {__version__}. In {layers}, {config.sparsity:.0%} of the weights were "
+        f"Pruned one-shot with optimum-recon {__version__}. In {layers}, "
+        f"{'' if config.allocation_policy == 'uniform' else 'overall '}{config.sparsity:.0%} of the weights were "
         f"set to zero ({pattern} sparsity{_allocation_words(config, report)}), chosen by **{config.method}** from "
         f"{data} (seed {cal.seed}), block by block; then {recon}. The embeddings and the LM head are dense."
     )
@@ -91,14 +92,16 @@ def _what_was_done(config: PruningConfig, report: PruningReport | None) -> str:
 
 def _allocation_words(config: PruningConfig, report: PruningReport | None) -> str:
     """How the sparsity was spread over the blocks, when not evenly."""
-    if config.allocation == "uniform":
+    policy = config.allocation_policy
+    if policy == "uniform":
         return ""
     spread = (report.allocation or {}).get("block_sparsity") if report is not None else None
     blocks = f": blocks from {min(spread):.1%} to {max(spread):.1%}, see the table below" if spread else ""
-    if config.allocation == "owl":
+    if policy == "owl":
+        chosen = "; the default for unstructured sparsity, `allocation=\"auto\"`" if config.allocation == "auto" else ""
         return (f", spread over the blocks by OWL, outlier-weighted layerwise sparsity (Yin et al., 2024; "
-                f"M = {config.owl_threshold:g}, lambda = {config.owl_lambda:g}): blocks whose Wanda scores hold more "
-                f"outliers are pruned less{blocks}")
+                f"M = {config.owl_threshold:g}, lambda = {config.owl_lambda:g}{chosen}): blocks whose Wanda scores "
+                f"hold more outliers are pruned less{blocks}")
     return f", spread over the layers by a per-layer table (`allocation` in `pruning_config.json`){blocks}"
 
 

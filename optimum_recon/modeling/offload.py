@@ -172,16 +172,18 @@ def _write_offloaded_files(store, tensors: list[tuple[str, torch.Tensor]], offlo
 
 
 @contextlib.contextmanager
-def onload(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
+def onload(block: nn.Module, device: torch.device, keep_changes: bool = True) -> Iterator[torch.device]:
     """Keep ``block`` on ``device`` for the duration of the context, then put it back where it was.
 
     Offloaded blocks (accelerate ``device_map`` with CPU or disk offload) are materialized once, their hooks are
     told not to reload weights while the block is processed (so changes are not overwritten), and on a clean
     exit the new weights are written back into accelerate's weights map before the block is offloaded again.
+    ``keep_changes=False`` is for read-only passes (OWL's statistics): nothing is written back, which for a
+    disk-offloaded model saves writing every block's weights to disk again.
     """
     offloaded = _offloaded_modules(block)
     if offloaded:
-        yield from _onload_offloaded(offloaded, device)
+        yield from _onload_offloaded(offloaded, device, keep_changes)
         return
     params = list(block.parameters())
     original = params[0].device if params else device
@@ -194,7 +196,8 @@ def onload(block: nn.Module, device: torch.device) -> Iterator[torch.device]:
             block.to(original)
 
 
-def _onload_offloaded(modules: list[nn.Module], device: torch.device) -> Iterator[torch.device]:
+def _onload_offloaded(modules: list[nn.Module], device: torch.device, keep_changes: bool
+                      ) -> Iterator[torch.device]:
     hooks = [m._hf_hook for m in modules]
     saved = [(h.execution_device, h.offload) for h in hooks]
     try:
@@ -203,7 +206,7 @@ def _onload_offloaded(modules: list[nn.Module], device: torch.device) -> Iterato
             hook.pre_forward(module)  # loads the weights from the map onto the device
             hook.offload = False  # forwards inside the context must not reload (and undo) our changes
         yield device
-        for module in modules:  # only after success: a failed block keeps its original weights
+        for module in modules if keep_changes else ():  # only after success: a failed block keeps its weights
             write_back(module)
     finally:
         for module, hook, (execution, offload) in zip(modules, hooks, saved):
