@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: set up, then prune the bundled SmolLM2-135M-Instruct to 50% with SparseGPT masks twice — masks
-# only (LR) and with the recommended recipe (the defaults: each block trained toward the dense model's hidden
-# states, every epoch judged on held-out windows, the learning rate chosen per block) — and print the dense, LR-only
+# only (LR) and with the recommended recipe (the defaults: OWL's allocation of the 50% over the blocks, each block
+# trained toward the dense model's hidden states, every epoch judged on held-out windows, the learning rate chosen
+# per block; both runs use the default allocation) — and print the dense, LR-only
 # and final WikiText-2 perplexity side by side. The calibration budget, 32 C4 windows of 256 tokens (+8 held-out),
 # is chosen to fit about 12 minutes on 2 CPU cores, setup included. Runs offline with the bundled data; set
 # HF_HUB_OFFLINE=0 to use the Hub's C4 and WikiText-2 instead. Extra flags go to both `optimum-recon prune` runs
