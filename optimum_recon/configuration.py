@@ -25,6 +25,7 @@ CONFIG_NAME = "pruning_config.json"
 PROPAGATIONS = ("global", "local")
 # Settings whose default changed when they were added, and how a recipe written before that ran.
 _BEFORE_IT_EXISTED = {"guard": False, "loss": "mse", "allocation": "uniform"}
+_CALIBRATION_BEFORE_IT_EXISTED = {"self_generate": "off"}
 _NM_RE = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -288,6 +289,8 @@ class PruningConfig:
         calibration = data.pop("calibration", {}) or {}
         if not isinstance(calibration, dict):
             raise ValueError(f"{where}: 'calibration' must be an object of settings, not {calibration!r}.")
+        if version is not None:
+            calibration = {**_CALIBRATION_BEFORE_IT_EXISTED, **calibration}
         calibration, unknown_calibration = _split_known(CalibrationConfig, calibration)
         kwargs, unknown = _split_known(cls, data)
         unknown += [f"calibration.{key}" for key in unknown_calibration]

@@ -143,7 +143,8 @@ class ReconPruner:
         if data is None and prepared is not None and prepared[0] == dataclasses.asdict(cal):
             external = prepared[1]  # read before the model was loaded (its notes were shown then)
         return build_calibration_set(self.tokenizer, cal, data, model=self.model, external=external,
-                                     notes=prepared[2] if external is not None else (), progress=progress)
+                                     notes=prepared[2] if external is not None else (), progress=progress,
+                                     pruning=self.config, blocks_path=self.blocks_path)
 
     def calibration_ids(
         self, data: Sequence[str] | torch.Tensor | None = None, *, progress: bool = False

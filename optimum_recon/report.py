@@ -206,6 +206,13 @@ class PruningReport:
             if allocation.get("requested") == "auto":
                 how += ", the default allocation='auto' for unstructured sparsity"
             lines.insert(1, f"sparsity spread over the blocks by {how}: from {min(spread):.2%} to {max(spread):.2%}")
+        generation = (self.calibration or {}).get("generation") or {}
+        if generation.get("chosen") == "auto":
+            lines.insert(1, f"calibration: {self.calibration.get('external')} windows, and "
+                            f"{self.calibration.get('self_generated')} more written by the dense model for "
+                            f"reconstruction (self_generate='auto': {generation['targets_per_weight']:.2g} target "
+                            f"values per trained weight without them, {generation['targets_per_weight_after']:.2g} "
+                            "with them)")
         header = f"{'block':>5} {'sparsity':>8} {'error':>10} {'normalized':>10}"
         if trained:
             header += f" {'before':>10} {'cut':>6}"

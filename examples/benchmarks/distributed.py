@@ -39,7 +39,7 @@ def worker(args: argparse.Namespace) -> None:
     config = PruningConfig(method="sparsegpt", sparsity=0.5, reconstruction=SETTINGS[args.setting],
                            propagation="global", epochs=args.epochs, batch_size=args.batch_size, allocation="uniform",
                            calibration=CalibrationConfig(source=args.source, num_samples=args.num_samples,
-                                                         seq_len=args.seq_len, seed=0))
+                                                         seq_len=args.seq_len, seed=0, self_generate="off"))
     pruner = ReconPruner.from_pretrained(args.model, config=config)
     dist.barrier()
     start = time.perf_counter()

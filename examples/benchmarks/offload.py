@@ -82,7 +82,7 @@ def _config(args, reconstruction: str, num_samples: int, seq_len: int):
     return PruningConfig(method="sparsegpt", sparsity=0.5, reconstruction=reconstruction, propagation="global",
                          epochs=args.epochs, allocation="uniform",
                          calibration=CalibrationConfig(source=source, num_samples=num_samples, seq_len=seq_len,
-                                                       heldout_samples=0, seed=0))
+                                                       heldout_samples=0, seed=0, self_generate="off"))
 
 
 def run_bundled(args, mode: str, row: str) -> dict:

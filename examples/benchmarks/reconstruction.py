@@ -40,7 +40,9 @@ from _common import HERE, add_data_dir_argument, offline_env, run_metadata, writ
 # "default" is PruningConfig's defaults (guarded, lr="auto", allocation="auto") with nothing else set. Those rows
 # measured before allocation="auto" became the default (uniform then) are named "default allocation=uniform" in the
 # results; the fixed rows keep the uniform allocation they were measured with ("LR allocation=owl" asks for OWL).
-_FIXED = {"lr": 2e-4, "guard": False, "batch_size": 8, "allocation": "uniform"}
+# Likewise, "default" rows on calibration sets small enough for self_generate="auto" to add windows (16 x 128 tokens)
+# measured before it existed are named "default self_generate=off"; the fixed rows never add any.
+_FIXED = {"lr": 2e-4, "guard": False, "batch_size": 8, "allocation": "uniform", "self_generate": "off"}
 ROWS = {  # name -> (reconstruction, propagation, extra config)
     # (forward passes in batches of 8, as the rows were measured)
     "LR": ("layer", "global", {"batch_size": 8, "allocation": "uniform"}),
@@ -54,8 +56,8 @@ ROWS = {  # name -> (reconstruction, propagation, extra config)
 
 # what a row may set after its name: "BR+GP lr=1e-3", "default loss=mse", "default source=c4+self:64"
 _ROW_OPTIONS = {"lr": float, "loss": str, "batch_size": int, "source": str, "allocation": str, "owl_lambda": float,
-                "train_dtype": str}
-_CALIBRATION_OPTIONS = ("source",)  # (those that belong to the CalibrationConfig)
+                "train_dtype": str, "self_generate": str}
+_CALIBRATION_OPTIONS = ("source", "self_generate")  # (those that belong to the CalibrationConfig)
 
 
 def _row_settings(row: str) -> tuple[str, str, dict]:

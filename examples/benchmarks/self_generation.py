@@ -69,7 +69,8 @@ def quality(args) -> list[dict]:
             config = PruningConfig(method="sparsegpt", reconstruction=reconstruction, propagation="global",
                                    epochs=args.epochs, allocation="uniform",
                                    calibration=CalibrationConfig(source=source, num_samples=args.quality_n,
-                                                                 seq_len=args.seq_len, heldout_samples=16))
+                                                                 seq_len=args.seq_len, heldout_samples=16,
+                                                                 self_generate="off"))  # (the counts as given)
             pruner = ReconPruner.from_pretrained(args.model, config=config)
             start = time.perf_counter()
             report = pruner.prune(progress=False)

@@ -82,12 +82,25 @@ def _what_was_done(config: PruningConfig, report: PruningReport | None) -> str:
         f"set to zero ({pattern} sparsity{_allocation_words(config, report)}), chosen by **{config.method}** from "
         f"{data} (seed {cal.seed}), block by block; then {recon}. The embeddings and the LM head are dense."
     )
-    if cal.self_samples and cal.external_source is not None:
+    generated = self_generated(config, report)
+    if generated and cal.external_source is not None:
         use = "reconstruction only (the masks come from the external windows alone)" if cal.self_use == \
             "reconstruction" else "both the masks and the reconstruction"
-        words += (f" Another {cal.self_samples} sequences, sampled from the dense model itself (temperature "
-                  f"{cal.self_temperature}, top-k {cal.self_top_k}, top-p {cal.self_top_p}), fed {use}.")
+        words += (f" Another {generated} sequences, sampled from the dense model itself (temperature "
+                  f"{cal.self_temperature}, top-k {cal.self_top_k}, top-p {cal.self_top_p}), fed {use}")
+        auto = ((report.calibration or {}).get("generation") or {}) if report is not None else {}
+        if auto.get("chosen") == "auto":
+            words += (f"; they were added by the default `self_generate=\"auto\"`, since the calibration windows "
+                      f"gave {auto['targets_per_weight']:.2g} target values per weight that training sets "
+                      f"({auto['targets_per_weight_after']:.2g} with them)")
+        words += "."
     return words
+
+
+def self_generated(config: PruningConfig, report: PruningReport | None) -> int:
+    """How many calibration windows the dense model wrote: as the run recorded it, else as the recipe asks."""
+    recorded = (report.calibration or {}).get("self_generated") if report is not None else None
+    return config.calibration.self_samples if recorded is None else int(recorded)
 
 
 def _allocation_words(config: PruningConfig, report: PruningReport | None) -> str:
@@ -258,7 +271,7 @@ def build_model_card(
             f"{config.reconstruction.replace('_', '-')}-reconstruction"]
     if config.nm is not None:
         tags.append(config.pattern)
-    if config.calibration.self_samples:
+    if self_generated(config, report):
         tags.append("self-generated-calibration")
     source = config.calibration.external_source or ""
     dataset = HUB_DATASETS.get(source, source if _is_hub_id(source) else None)

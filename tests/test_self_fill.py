@@ -1,0 +1,93 @@
+"""`self_generate="auto"`: the dense model tops up a calibration set too small to train on (data/self_fill.py)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
+from optimum_recon.data.self_fill import auto_self_samples, weights_per_fit
+from optimum_recon.hub.card import build_model_card
+
+# the tiny Llama's block: q and o 32x32, k and v 16x32 (2 of 4 heads), gate, up 64x32 and down 32x64
+BLOCK_WEIGHTS = 2 * 32 * 32 + 2 * 16 * 32 + 3 * 32 * 64
+
+
+def test_weights_per_fit_counts_what_training_sets():
+    model = make_tiny_model("llama")
+    assert weights_per_fit(model, PruningConfig(sparsity=0.5)) == BLOCK_WEIGHTS // 2
+    assert weights_per_fit(model, PruningConfig(sparsity=0.75)) == BLOCK_WEIGHTS // 4
+    assert weights_per_fit(model, PruningConfig(pattern="2:4")) == BLOCK_WEIGHTS // 2
+    # CR sets the weights of `window` blocks in one fit; LoRA only its updates' r x (in + out)
+    assert weights_per_fit(model, PruningConfig(reconstruction="cross_block", window=2)) == BLOCK_WEIGHTS
+    lora = 4 * ((32 + 32) * 2 + (32 + 16) * 2 + (32 + 64) * 3)
+    assert weights_per_fit(model, PruningConfig(lora_rank=4)) == lora
+    assert weights_per_fit(model, PruningConfig(targets=["mlp"])) == 3 * 32 * 64 // 2
+
+
+def test_auto_adds_what_reaches_one_target_per_weight_and_nothing_above():
+    model, config = make_tiny_model("llama"), PruningConfig(sparsity=0.5)
+    per_fit = BLOCK_WEIGHTS // 2  # 4,608 weights; a window of 16 tokens holds 16 x 32 = 512 targets
+    count, info = auto_self_samples(model, config, num_windows=4, seq_len=16)
+    assert count == math.ceil(per_fit / 512) - 4 == 5
+    assert info["targets_per_weight"] == pytest.approx(4 * 512 / per_fit, abs=1e-4)
+    assert info["targets_per_weight_after"] >= 1 > (4 + count - 1) * 512 / per_fit  # the least that reaches 1
+    assert auto_self_samples(model, config, num_windows=9, seq_len=16)[0] == 0  # 9 x 512 >= 4,608
+    assert auto_self_samples(model, PruningConfig(sparsity=0.75), num_windows=4, seq_len=16)[0] == 1
+    # nothing is trained: nothing to overfit
+    assert auto_self_samples(model, PruningConfig(reconstruction="layer"), 4, 16) == (0, {})
+    assert auto_self_samples(model, PruningConfig(epochs=0), 4, 16) == (0, {})
+
+
+def _pruner(tiny_model_dir, text_file, **calibration):
+    settings = dict(source=str(text_file), num_samples=4, seq_len=16, heldout_samples=2, self_batch_size=4)
+    config = PruningConfig(epochs=1, batch_size=4, calibration=CalibrationConfig(**{**settings, **calibration}))
+    return ReconPruner.from_pretrained(str(tiny_model_dir), config=config)
+
+
+def test_a_small_set_is_topped_up_for_reconstruction_only(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIMUM_RECON_CACHE", str(tmp_path / "cache"))
+    pruner = _pruner(tiny_model_dir, text_file)
+    with pytest.warns(UserWarning, match="writes 5 more windows of 16 tokens"):
+        report = pruner.prune(progress=False)
+    cal = report.calibration
+    assert (cal["external"], cal["self_generated"], cal["for_masks"], cal["heldout"]) == (4, 5, 4, 2)
+    assert cal["generation"]["chosen"] == "auto" and cal["generation"]["targets_per_weight_after"] >= 1
+    assert "5 more written by the dense model" in report.summary()
+    card = build_model_card(pruner.config, report).content
+    assert 'Another 5 sequences' in card and 'self_generate="auto"' in card and "self-generated-calibration" in card
+    # the external windows are the same as without the top-up: masks come from them alone
+    off = _pruner(tiny_model_dir, text_file, self_generate="off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no top-up, no warning
+        calibration = off.calibration_set()
+    assert calibration.self_generated == 0
+    assert torch.equal(calibration.ids, pruner.calibration_set().ids[:4])
+
+
+def test_auto_leaves_explicit_counts_and_layer_wise_runs_alone(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTIMUM_RECON_CACHE", str(tmp_path / "cache"))
+    given = _pruner(tiny_model_dir, text_file, source=f"{text_file}+self:2").calibration_set()
+    assert given.self_generated == 2 and given.generation.get("chosen") is None
+    pruner = _pruner(tiny_model_dir, text_file)
+    pruner.config.reconstruction = "layer"
+    assert pruner.calibration_set().self_generated == 0
+    assert pruner.calibration_set(["some text " * 40] * 12).self_generated == 0  # texts given: used as given
+
+
+def test_an_offloaded_model_is_not_asked_to_generate(tiny_model_dir, text_file, monkeypatch):
+    monkeypatch.setattr("optimum_recon.modeling.offload.is_offloaded", lambda model: True)
+    pruner = _pruner(tiny_model_dir, text_file)
+    with pytest.warns(UserWarning, match="offloaded"):
+        assert pruner.calibration_set().self_generated == 0
+
+
+def test_recipes_written_before_it_existed_do_not_generate():
+    data = PruningConfig().to_dict()
+    del data["calibration"]["self_generate"]
+    assert PruningConfig.from_dict(data).calibration.self_generate == "off"
+    assert PruningConfig.from_dict({"sparsity": 0.5}).calibration.self_generate == "auto"  # hand-written: default
+    with pytest.raises(ValueError, match="self_generate"):
+        CalibrationConfig(self_generate="always")
