@@ -132,9 +132,10 @@ class ReconPruner:
         return pruner
 
     def calibration_set(
-        self, data: Sequence[str] | torch.Tensor | None = None, *, progress: bool = False
+        self, data: Sequence[str] | torch.Tensor | None = None, *, progress: bool = False,
+        device: torch.device | str | None = None,
     ) -> CalibrationSet:
-        """The `CalibrationSet` a `prune` with ``data`` uses (see `build_calibration_set`): from
+        """The `CalibrationSet` a `prune` with ``data`` (on ``device``) uses (see `build_calibration_set`): from
         ``config.calibration`` (read before the model was loaded, then the dense model's self-generated windows),
         from a list of texts, or token ids (N, T) (then without held-out windows)."""
         cal = self.config.calibration
@@ -144,7 +145,7 @@ class ReconPruner:
             external = prepared[1]  # read before the model was loaded (its notes were shown then)
         return build_calibration_set(self.tokenizer, cal, data, model=self.model, external=external,
                                      notes=prepared[2] if external is not None else (), progress=progress,
-                                     pruning=self.config, blocks_path=self.blocks_path)
+                                     pruning=self.config, blocks_path=self.blocks_path, device=device)
 
     def calibration_ids(
         self, data: Sequence[str] | torch.Tensor | None = None, *, progress: bool = False
@@ -181,7 +182,7 @@ class ReconPruner:
         runtime = Runtime(device=device, progress=progress, checkpoint_dir=checkpoint_dir,
                           activation_offload=activation_offload, activation_folder=activation_folder,
                           blocks_path=self.blocks_path)
-        calibration = self.calibration_set(calibration_data, progress=progress)
+        calibration = self.calibration_set(calibration_data, progress=progress, device=device)
         self._interrupted = True  # until prune_model returns: the weights in memory are half pruned
         report = prune_model(self.model, self.config, calibration, runtime)  # the engine writes the report
         self._interrupted = False

@@ -8,6 +8,7 @@ import torch
 from conftest import make_tiny_model
 
 from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
+from optimum_recon.data import self_fill
 from optimum_recon.data.self_fill import auto_self_samples, weights_per_fit
 from optimum_recon.hub.card import build_model_card
 
@@ -78,10 +79,47 @@ def test_auto_leaves_explicit_counts_and_layer_wise_runs_alone(tiny_model_dir, t
 
 
 def test_an_offloaded_model_is_not_asked_to_generate(tiny_model_dir, text_file, monkeypatch):
-    monkeypatch.setattr("optimum_recon.modeling.offload.is_offloaded", lambda model: True)
+    monkeypatch.setattr(self_fill, "is_offloaded", lambda model: True)
     pruner = _pruner(tiny_model_dir, text_file)
     with pytest.warns(UserWarning, match="offloaded"):
         assert pruner.calibration_set().self_generated == 0
+
+
+def test_generation_runs_where_the_blocks_will_run(monkeypatch):
+    """A CPU model pruned on a GPU generates on the GPU when it fits there (and not at all when it does not)."""
+    model = make_tiny_model("llama")
+    size = sum(p.numel() * 4 for p in model.parameters())
+    assert self_fill._generation_device(model, None) == (None, "")  # CPU only here: in place
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(self_fill, "check_device", lambda device: gpu)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * size, 4 * size))
+    assert self_fill._generation_device(model, "cuda") == (gpu, "")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (size, 4 * size))
+    where, why = self_fill._generation_device(model, "cuda")
+    assert where is None and "does not fit in cuda:0's free memory" in why
+
+
+def test_the_model_goes_back_where_it_was_even_after_a_failure():
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.moves = torch.nn.Embedding(4, 2), []
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def to(self, device):
+            self.moves.append(str(device))
+            return self
+
+    model = Recorder()
+    with self_fill.placed_on(model, None):
+        pass
+    assert model.moves == []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with self_fill.placed_on(model, torch.device("cuda", 0)):
+            raise RuntimeError("out of memory")
+    assert model.moves == ["cuda:0", "cpu"]
 
 
 def test_recipes_written_before_it_existed_do_not_generate():

@@ -9,7 +9,6 @@ feed reconstruction); H held-out windows, never used for masks or training, on w
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -96,6 +95,7 @@ def build_calibration_set(
     progress: bool = False,
     pruning: PruningConfig | None = None,
     blocks_path: str | None = None,
+    device: torch.device | str | None = None,
 ) -> CalibrationSet:
     """The calibration set of a prune.
 
@@ -113,43 +113,21 @@ def build_calibration_set(
             windows read from ``config.source`` are topped up with self-generated ones when they are too few to
             train on.
         blocks_path: Where the model's blocks are (default: found), for the same.
+        device: Where the blocks will run (default: the accelerator when there is one), for the same: the windows
+            are generated there.
     """
     with recorded_warnings() as raised:
-        extra = _auto_extra(config, data, model, pruning, blocks_path)
+        extra = (0, {}, None)
+        if pruning is not None and model is not None and data is None:
+            from .self_fill import plan_self_fill
+
+            extra = plan_self_fill(config, model, pruning, blocks_path, device)
         calibration = _build(tokenizer, config, data, model, external, progress, extra)
     return dataclasses.replace(calibration, notes=tuple(dict.fromkeys([*notes, *raised])))
 
 
-def _auto_extra(config: CalibrationConfig, data, model, pruning: PruningConfig | None,
-                blocks_path: str | None) -> tuple[int, dict[str, Any]]:
-    """How many windows `self_generate="auto"` adds (and why), with a warning when it adds some or cannot."""
-    if (pruning is None or model is None or data is not None or config.self_generate != "auto"
-            or config.self_samples or config.external_source is None):
-        return 0, {}
-    from ..modeling.offload import is_offloaded
-    from .self_fill import auto_self_samples
-
-    count, info = auto_self_samples(model, pruning, config.num_samples, config.seq_len, blocks_path)
-    if not count:
-        return 0, {}
-    fit = "window of blocks" if pruning.reconstruction == "cross_block" else "block"
-    ratio = (f"{config.num_samples} windows x {config.seq_len} tokens x the hidden size give "
-             f"{info['targets_per_weight']:.2g} target values per weight that training sets "
-             f"({info['weights_per_fit']:,} per {fit})")
-    if is_offloaded(model):
-        warnings.warn(f"{ratio}: training may fit the calibration windows by heart. Not generating more with the "
-                      "dense model (self_generate='auto'), since it is offloaded and generation would read every "
-                      "weight for each token: give more calibration text, or source='<name>+self:N' to generate "
-                      "anyway.", stacklevel=3)
-        return 0, {}
-    warnings.warn(f"{ratio}: training could fit the calibration windows by heart, so the dense model writes {count} "
-                  f"more windows of {config.seq_len} tokens for reconstruction (self_generate='auto': one target per "
-                  "weight; 'off' to skip, or source='<name>+self:N' for a number of your own).", stacklevel=3)
-    return count, info
-
-
 def _build(tokenizer, config: CalibrationConfig, data, model, external, progress: bool,
-           extra: tuple[int, dict[str, Any]] = (0, {})) -> CalibrationSet:
+           extra: tuple[int, dict[str, Any], torch.device | None] = (0, {}, None)) -> CalibrationSet:
     if isinstance(data, torch.Tensor):
         return CalibrationSet(data)
     if data is not None:
@@ -163,7 +141,10 @@ def _build(tokenizer, config: CalibrationConfig, data, model, external, progress
 
     if model is None:
         raise ValueError(f"calibration source {config.source!r} includes self-generated text: pass the dense model.")
-    generated = load_or_generate(model, tokenizer, config, num_samples=count, progress=progress)
+    from .self_fill import placed_on
+
+    with placed_on(model, extra[2]):  # (self_generate="auto" generates where the blocks will run)
+        generated = load_or_generate(model, tokenizer, config, num_samples=count, progress=progress)
     own = torch.tensor(generated["input_ids"], dtype=torch.long)
     if heldout is None and config.num_heldout:
         more = load_or_generate(model, tokenizer, dataclasses.replace(config, seed=config.seed + 1),

@@ -16,17 +16,30 @@ it scales with the model: the usual budgets sit far above one target per weight 
 tokens: 10.7; LLaMA-7B at 128 x 2048: 10.6), so it only acts where a user gave little text. It generates what is
 missing to reach one target per weight (the least that leaves the underdetermined regime: generation and the
 training it adds cost time; more can be asked for with `source="c4+self:N"`).
+
+Where: the windows are generated where the blocks will run. A model loaded on the CPU and pruned block by block on
+a GPU is moved to the GPU for the generation (and back) when it fits in the GPU's free memory: generating on the CPU
+costs a full pass over every weight per token, hours for a 7B model. When it does not fit, or when its weights are
+offloaded (every token would read them from CPU memory or disk), nothing is generated and a warning says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import TYPE_CHECKING, Any
+import warnings
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
 
 from ..modeling.blocks import find_blocks, find_linear_layers
+from ..modeling.offload import check_device, default_device, input_device, is_offloaded
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..calibration_config import CalibrationConfig
     from ..configuration import PruningConfig
+
+NO_FILL: tuple[int, dict[str, Any], None] = (0, {}, None)
 
 
 def weights_per_fit(model, config: PruningConfig, blocks_path: str | None = None) -> int:
@@ -64,3 +77,62 @@ def auto_self_samples(model, config: PruningConfig, num_windows: int, seq_len: i
     return needed, {"chosen": "auto", "targets_per_weight": round(before, 4),
                     "targets_per_weight_after": round((num_windows + needed) * seq_len * width / weights, 4),
                     "weights_per_fit": weights}
+
+
+def plan_self_fill(config: CalibrationConfig, model, pruning: PruningConfig, blocks_path: str | None = None,
+                   device: torch.device | str | None = None) -> tuple[int, dict[str, Any], torch.device | None]:
+    """What `self_generate="auto"` does for windows read from ``config.source``: (windows to generate, the numbers
+    behind it for the report, the device to move the model to for the generation or None), with a warning whenever
+    it generates or would but cannot."""
+    if config.self_generate != "auto" or config.self_samples or config.external_source is None:
+        return NO_FILL
+    count, info = auto_self_samples(model, pruning, config.num_samples, config.seq_len, blocks_path)
+    if not count:
+        return NO_FILL
+    fit = "window of blocks" if pruning.reconstruction == "cross_block" else "block"
+    ratio = (f"{config.num_samples} windows x {config.seq_len} tokens x the hidden size give "
+             f"{info['targets_per_weight']:.2g} target values per weight that training sets "
+             f"({info['weights_per_fit']:,} per {fit})")
+    where, why_not = _generation_device(model, device)
+    if why_not:
+        warnings.warn(f"{ratio}: training may fit the calibration windows by heart. Not generating more with the "
+                      f"dense model (self_generate='auto'): {why_not}. Give more calibration text, or "
+                      "source='<name>+self:N' to generate anyway.", stacklevel=4)
+        return NO_FILL
+    warnings.warn(f"{ratio}: training could fit the calibration windows by heart, so the dense model writes {count} "
+                  f"more windows of {config.seq_len} tokens for reconstruction (self_generate='auto': one target per "
+                  "weight; 'off' to skip, or source='<name>+self:N' for a number of your own).", stacklevel=4)
+    return count, info, where
+
+
+def _generation_device(model, device: torch.device | str | None) -> tuple[torch.device | None, str]:
+    """(where to move the model for generating, or None to generate where it is; why not to generate, or "")."""
+    if is_offloaded(model):
+        return None, "its weights are offloaded, and generation would read every one of them for each token"
+    target, home = check_device(device) or default_device(), input_device(model)
+    if target.type == home.type:
+        return None, ""
+    if home.type != "cpu" or target.type != "cuda":
+        return None, f"the model is on {home} and its blocks run on {target}"
+    free, _ = torch.cuda.mem_get_info(target)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    size += sum(b.numel() * b.element_size() for b in model.buffers())
+    if size > 0.8 * free:  # (the KV cache and activations of a batch need the rest)
+        return None, (f"the model ({size / 2**30:.1f} GiB) is on the CPU, where generating costs a pass over every "
+                      f"weight per token, and does not fit in {target}'s free memory ({free / 2**30:.1f} GiB)")
+    return target, ""
+
+
+@contextlib.contextmanager
+def placed_on(model, device: torch.device | None) -> Iterator[None]:
+    """``model`` moved to ``device`` inside the block (nothing when None), and back where it was afterwards, also
+    after a failure."""
+    if device is None:
+        yield
+        return
+    home = input_device(model)
+    try:
+        model.to(device)
+        yield
+    finally:
+        model.to(home)
