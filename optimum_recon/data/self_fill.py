@@ -100,7 +100,9 @@ def plan_self_fill(config: CalibrationConfig, model, pruning: PruningConfig, blo
                       "source='<name>+self:N' to generate anyway.", stacklevel=4)
         return NO_FILL
     warnings.warn(f"{ratio}: training could fit the calibration windows by heart, so the dense model writes {count} "
-                  f"more windows of {config.seq_len} tokens for reconstruction (self_generate='auto': one target per "
+                  f"more windows of {config.seq_len} tokens for "
+                  f"{'reconstruction' if config.self_use == 'reconstruction' else 'the masks and reconstruction'} "
+                  "(self_generate='auto': one target per "
                   "weight; 'off' to skip, or source='<name>+self:N' for a number of your own).", stacklevel=4)
     return count, info, where
 
