@@ -94,9 +94,17 @@ def test_generation_runs_where_the_blocks_will_run(monkeypatch):
     monkeypatch.setattr(self_fill, "check_device", lambda device: gpu)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * size, 4 * size))
     assert self_fill._generation_device(model, "cuda") == (gpu, "")
+    asked = CalibrationConfig(source="c4+self:3", num_samples=4, seq_len=16)  # asked-for windows: there too
+    assert self_fill.plan_self_fill(asked, model, PruningConfig(), device="cuda") == (0, {}, gpu)
+    small = CalibrationConfig(source="c4", num_samples=4, seq_len=16)
+    with pytest.warns(UserWarning, match="writes 5 more"):
+        assert self_fill.plan_self_fill(small, model, PruningConfig(), device="cuda")[::2] == (5, gpu)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (size, 4 * size))
     where, why = self_fill._generation_device(model, "cuda")
     assert where is None and "does not fit in cuda:0's free memory" in why
+    with pytest.warns(UserWarning, match="Not generating more"):
+        assert self_fill.plan_self_fill(small, model, PruningConfig(), device="cuda") == (0, {}, None)
+    assert self_fill.plan_self_fill(asked, model, PruningConfig(), device="cuda") == (0, {}, None)  # where it is
 
 
 def test_the_model_goes_back_where_it_was_even_after_a_failure():

@@ -143,7 +143,7 @@ def _build(tokenizer, config: CalibrationConfig, data, model, external, progress
         raise ValueError(f"calibration source {config.source!r} includes self-generated text: pass the dense model.")
     from .self_fill import placed_on
 
-    with placed_on(model, extra[2]):  # (self_generate="auto" generates where the blocks will run)
+    with placed_on(model, extra[2]):  # where the blocks will run, when the model fits there (`plan_self_fill`)
         generated = load_or_generate(model, tokenizer, config, num_samples=count, progress=progress)
     own = torch.tensor(generated["input_ids"], dtype=torch.long)
     if heldout is None and config.num_heldout:

@@ -17,10 +17,11 @@ tokens: 10.7; LLaMA-7B at 128 x 2048: 10.6), so it only acts where a user gave l
 missing to reach one target per weight (the least that leaves the underdetermined regime: generation and the
 training it adds cost time; more can be asked for with `source="c4+self:N"`).
 
-Where: the windows are generated where the blocks will run. A model loaded on the CPU and pruned block by block on
-a GPU is moved to the GPU for the generation (and back) when it fits in the GPU's free memory: generating on the CPU
-costs a full pass over every weight per token, hours for a 7B model. When it does not fit, or when its weights are
-offloaded (every token would read them from CPU memory or disk), nothing is generated and a warning says so.
+Where: the windows are generated where the blocks will run (asked-for ones, `c4+self:N`, too). A model loaded on the
+CPU and pruned block by block on a GPU is moved to the GPU for the generation (and back) when it fits in the GPU's
+free memory: generating on the CPU costs a full pass over every weight per token, hours for a 7B model. When it does
+not fit, or when its weights are offloaded (every token would read them from CPU memory or disk), `auto` generates
+nothing and a warning says so; asked-for windows are then generated where the model is, as asked.
 """
 
 from __future__ import annotations
@@ -83,8 +84,11 @@ def plan_self_fill(config: CalibrationConfig, model, pruning: PruningConfig, blo
                    device: torch.device | str | None = None) -> tuple[int, dict[str, Any], torch.device | None]:
     """What `self_generate="auto"` does for windows read from ``config.source``: (windows to generate, the numbers
     behind it for the report, the device to move the model to for the generation or None), with a warning whenever
-    it generates or would but cannot."""
-    if config.self_generate != "auto" or config.self_samples or config.external_source is None:
+    it generates or would but cannot. Windows asked for (``"c4+self:N"``) are generated where the blocks will run
+    too when the model fits there, else where it is."""
+    if config.self_samples:
+        return 0, {}, _generation_device(model, device)[0]
+    if config.self_generate != "auto" or config.external_source is None:
         return NO_FILL
     count, info = auto_self_samples(model, pruning, config.num_samples, config.seq_len, blocks_path)
     if not count:
