@@ -145,11 +145,11 @@ def _build(tokenizer, config: CalibrationConfig, data, model, external, progress
 
     with placed_on(model, extra[2]):  # where the blocks will run, when the model fits there (`plan_self_fill`)
         generated = load_or_generate(model, tokenizer, config, num_samples=count, progress=progress)
+        if heldout is None and config.num_heldout:
+            more = load_or_generate(model, tokenizer, dataclasses.replace(config, seed=config.seed + 1),
+                                    num_samples=config.num_heldout, progress=progress)
+            heldout = torch.tensor(more["input_ids"], dtype=torch.long)
     own = torch.tensor(generated["input_ids"], dtype=torch.long)
-    if heldout is None and config.num_heldout:
-        more = load_or_generate(model, tokenizer, dataclasses.replace(config, seed=config.seed + 1),
-                                num_samples=config.num_heldout, progress=progress)
-        heldout = torch.tensor(more["input_ids"], dtype=torch.long)
     # the paper's setting: self-generated windows feed reconstruction only, the masks come from the external ones
     masks_from_external = ids is not None and config.self_use == "reconstruction"
     return CalibrationSet(
