@@ -137,3 +137,16 @@ def test_recipes_written_before_it_existed_do_not_generate():
     assert PruningConfig.from_dict({"sparsity": 0.5}).calibration.self_generate == "auto"  # hand-written: default
     with pytest.raises(ValueError, match="self_generate"):
         CalibrationConfig(self_generate="always")
+
+
+def test_the_rule_reads_every_architecture(arch):
+    """P and d come from the blocks' own linear layers (GPT-2's Conv1D included) and the config's hidden size."""
+    from optimum_recon.modeling.blocks import find_blocks
+
+    model = make_tiny_model(arch)
+    _, blocks = find_blocks(model)
+    linear = sum(m.weight.numel() for b in blocks for m in b.modules()
+                 if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+    assert weights_per_fit(model, PruningConfig(sparsity=0.5)) == round(linear / 2 / len(blocks))
+    count, info = auto_self_samples(model, PruningConfig(sparsity=0.5), num_windows=1, seq_len=4)
+    assert count > 0 and info["targets_per_weight_after"] >= 1 and self_fill.hidden_size(model) == 32
