@@ -11,6 +11,7 @@ from optimum_recon import CalibrationConfig, PruningConfig, ReconPruner
 from optimum_recon.data import self_fill
 from optimum_recon.data.self_fill import auto_self_samples, weights_per_fit
 from optimum_recon.hub.card import build_model_card
+from optimum_recon.modeling.offload import onload
 
 # the tiny Llama's block: q and o 32x32, k and v 16x32 (2 of 4 heads), gate, up 64x32 and down 32x64
 BLOCK_WEIGHTS = 2 * 32 * 32 + 2 * 16 * 32 + 3 * 32 * 64
@@ -120,12 +121,13 @@ def test_the_model_goes_back_where_it_was_even_after_a_failure():
             self.moves.append(str(device))
             return self
 
+    # the generation's move is `onload` (its branch for a model that is not offloaded)
     model = Recorder()
-    with self_fill.placed_on(model, None):
+    with onload(model, torch.device("cpu"), keep_changes=False):
         pass
     assert model.moves == []
     with pytest.raises(RuntimeError, match="out of memory"):
-        with self_fill.placed_on(model, torch.device("cuda", 0)):
+        with onload(model, torch.device("cuda", 0), keep_changes=False):
             raise RuntimeError("out of memory")
     assert model.moves == ["cuda:0", "cpu"]
 

@@ -8,6 +8,7 @@ feed reconstruction); H held-out windows, never used for masks or training, on w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -15,8 +16,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ..calibration_config import CalibrationConfig
+from ..modeling.offload import onload
 from ..report import recorded_warnings
 from .calibration import sample_calibration_windows
+from .self_fill import NO_FILL, plan_self_fill
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -117,17 +120,15 @@ def build_calibration_set(
             are generated there.
     """
     with recorded_warnings() as raised:
-        extra = (0, {}, None)
+        extra = NO_FILL
         if pruning is not None and model is not None and data is None:
-            from .self_fill import plan_self_fill
-
             extra = plan_self_fill(config, model, pruning, blocks_path, device)
         calibration = _build(tokenizer, config, data, model, external, progress, extra)
     return dataclasses.replace(calibration, notes=tuple(dict.fromkeys([*notes, *raised])))
 
 
 def _build(tokenizer, config: CalibrationConfig, data, model, external, progress: bool,
-           extra: tuple[int, dict[str, Any], torch.device | None] = (0, {}, None)) -> CalibrationSet:
+           extra: tuple[int, dict[str, Any], torch.device | None] = NO_FILL) -> CalibrationSet:
     if isinstance(data, torch.Tensor):
         return CalibrationSet(data)
     if data is not None:
@@ -141,9 +142,8 @@ def _build(tokenizer, config: CalibrationConfig, data, model, external, progress
 
     if model is None:
         raise ValueError(f"calibration source {config.source!r} includes self-generated text: pass the dense model.")
-    from .self_fill import placed_on
-
-    with placed_on(model, extra[2]):  # where the blocks will run, when the model fits there (`plan_self_fill`)
+    # where the blocks will run, when the model fits there (`plan_self_fill`); back where it was afterwards
+    with onload(model, extra[2], keep_changes=False) if extra[2] is not None else contextlib.nullcontext():
         generated = load_or_generate(model, tokenizer, config, num_samples=count, progress=progress)
         if heldout is None and config.num_heldout:
             more = load_or_generate(model, tokenizer, dataclasses.replace(config, seed=config.seed + 1),

@@ -26,15 +26,15 @@ nothing and a warning says so; asked-for windows are then generated where the mo
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..modeling.blocks import find_blocks, find_linear_layers
-from ..modeling.offload import check_device, default_device, input_device, is_offloaded
+from ..modeling.blocks import find_blocks, layers_to_prune
+from ..modeling.offload import _nbytes, check_device, default_device, input_device, is_offloaded
+from ..reconstruction import get_reconstruction
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..calibration_config import CalibrationConfig
@@ -49,12 +49,12 @@ def weights_per_fit(model, config: PruningConfig, blocks_path: str | None = None
     nm = config.nm
     kept = nm[0] / nm[1] if nm is not None else 1.0 - config.sparsity
     total = 0.0
-    for index, block in enumerate(blocks):
-        for layer in find_linear_layers(block, config.targets, config.ignore, f"{path}.{index}"):
+    for layers in layers_to_prune(blocks, path, config.targets, config.ignore):
+        for layer in layers:
             out_features, in_features = layer.weight.shape
             total += (config.lora_rank * (in_features + out_features) if config.lora_rank
                       else kept * out_features * in_features)
-    window = min(config.window, len(blocks)) if config.reconstruction == "cross_block" else 1
+    window = min(get_reconstruction(config.reconstruction).window_size(config), len(blocks))
     return round(total / max(len(blocks), 1) * window)
 
 
@@ -68,7 +68,7 @@ def auto_self_samples(model, config: PruningConfig, num_windows: int, seq_len: i
                       blocks_path: str | None = None) -> tuple[int, dict[str, Any]]:
     """How many windows of ``seq_len`` tokens `self_generate="auto"` adds to ``num_windows`` external ones (0 when
     nothing is trained or there are already enough targets), and the numbers behind it for the report."""
-    if config.reconstruction == "layer" or config.epochs == 0:
+    if not get_reconstruction(config.reconstruction).trains or config.epochs == 0:
         return 0, {}
     weights, width = weights_per_fit(model, config, blocks_path), hidden_size(model)
     if weights == 0:
@@ -121,24 +121,9 @@ def _generation_device(model, device: torch.device | str | None) -> tuple[torch.
     if home.type != "cpu" or target.type != "cuda":
         return None, f"the model is on {home} and its blocks run on {target}"
     free, _ = torch.cuda.mem_get_info(target)
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    size += sum(b.numel() * b.element_size() for b in model.buffers())
+    size = _nbytes([*model.parameters(), *model.buffers()])
     if size > 0.8 * free:  # (the KV cache and activations of a batch need the rest)
         return None, (f"the model ({size / 2**30:.1f} GiB) is on the CPU, where generating costs a pass over every "
                       f"weight per token, and does not fit in {target}'s free memory ({free / 2**30:.1f} GiB)")
     return target, ""
 
-
-@contextlib.contextmanager
-def placed_on(model, device: torch.device | None) -> Iterator[None]:
-    """``model`` moved to ``device`` inside the block (nothing when None), and back where it was afterwards, also
-    after a failure."""
-    if device is None:
-        yield
-        return
-    home = input_device(model)
-    try:
-        model.to(device)
-        yield
-    finally:
-        model.to(home)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dist
 from ..configuration import PruningConfig
 from ..data.calibration_set import CalibrationSet
-from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers, layer_matches
+from ..modeling.blocks import LinearLayer, find_blocks, find_linear_layers, layer_matches, layers_to_prune
 from ..modeling.offload import check_device, execution_device, onload, release_host_memory
 from ..reconstruction import WindowTask, get_reconstruction
 from ..report import BlockRecord, PruningReport, peak_cuda_mib, peak_rss_mib, recorded_warnings
@@ -303,7 +303,7 @@ def _prune(model: nn.Module, config: PruningConfig, calibration: CalibrationSet,
     dist.init_distributed()
     progress = progress and dist.is_main_process()
     path, blocks = find_blocks(model, runtime.blocks_path)
-    plan = [find_linear_layers(b, config.targets, config.ignore, f"{path}.{i}") for i, b in enumerate(blocks)]
+    plan = layers_to_prune(blocks, path, config.targets, config.ignore)
     _warn_unmatched(blocks, config, path)
     validate_layers(plan, config, path)
     reconstruction = get_reconstruction(config.reconstruction)

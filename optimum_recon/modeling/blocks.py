@@ -139,6 +139,12 @@ def layer_matches(pattern: str, *names: str) -> bool:
     return any(wanted in f".{name}." for name in names)
 
 
+def layers_to_prune(blocks: nn.ModuleList, path: str, targets: list[str] | None, ignore: list[str] | None
+                    ) -> list[list[LinearLayer]]:
+    """The linear layers each of ``blocks`` prunes (`find_linear_layers`, full names under ``path.<index>``)."""
+    return [find_linear_layers(block, targets, ignore, f"{path}.{index}") for index, block in enumerate(blocks)]
+
+
 def find_linear_layers(
     block: nn.Module,
     targets: list[str] | None = None,
