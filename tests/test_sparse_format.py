@@ -199,25 +199,47 @@ def test_fields_are_read_back_from_the_packed_stream(width):
     assert torch.equal(torch.from_numpy(_codes(packed.numpy(), count, width).astype("int64")), fields)
 
 
+def _vm_flags(address: int) -> list[str] | None:
+    """The kernel's VmFlags of the mapping holding ``address`` (Linux: /proc/self/smaps), None elsewhere."""
+    try:
+        smaps = open("/proc/self/smaps").read().split("\n")
+    except OSError:
+        return None
+    inside = False
+    for line in smaps:
+        head = line.split()[0] if line else ""
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            low, high = (int(x, 16) for x in head.split("-"))
+            inside = low <= address < high
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None
+
+
 @pytest.mark.parametrize("numel, dtype, hinted", [(3 << 20, torch.bfloat16, True),
                                                   ((1 << 20) - 256, torch.float32, False),
                                                   (1000, torch.float16, False)])
-def test_a_decoded_weight_asks_for_huge_pages_only_inside_its_own_memory(monkeypatch, numel, dtype, hinted):
+def test_fresh_memory_for_a_decoded_weight_is_zero_and_large_weights_ask_for_huge_pages(numel, dtype, hinted):
     from optimum_recon.hub import sparse_format
 
-    calls = []
-    monkeypatch.setattr(sparse_format, "_madvise", lambda: lambda start, length, advice: calls.append(
-        (start, length, advice)))
-    tensor = sparse_format._fresh(numel, dtype)
-    assert tensor.shape == (numel,) and tensor.dtype == dtype
-    huge = 2 << 20
-    if not hinted:  # under 4 MiB: at most one huge page could be covered, not worth a system call
-        assert calls == []
-        return
-    ((start, length, advice),) = calls
-    assert advice == 14 and start % huge == 0 and length % huge == 0 and length >= huge
-    assert tensor.data_ptr() <= start and start + length <= tensor.data_ptr() + tensor.nbytes
-    assert start - tensor.data_ptr() < huge  # the whole aligned span, not a part of it
+    tensor, zeroed = sparse_format._fresh(numel, dtype)
+    assert tensor.shape == (numel,) and tensor.dtype == dtype and zeroed
+    assert not tensor.view(torch.uint8).any()  # an anonymous map: zero without a pass over it
+    flags = _vm_flags(tensor.data_ptr())
+    if flags is not None and mmap_has_hugepage_hint():
+        assert ("hg" in flags) == hinted  # under 4 MiB: at most one huge page to gain, no system call
+    if flags is not None:
+        assert "sh" not in flags  # private: a forked child's writes must not reach its parent's weights
+    tensor.fill_(1)  # writable, and its own memory
+    assert bool((tensor == 1).all())
+    empty, zeroed = sparse_format._fresh(0, dtype)  # no zero-length map: torch's memory, not known to be zero
+    assert empty.numel() == 0 and not zeroed
+
+
+def mmap_has_hugepage_hint() -> bool:
+    import mmap
+
+    return hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap.mmap, "madvise")
 
 
 def test_decoding_a_weight_large_enough_for_huge_pages_is_bit_identical():

@@ -3,8 +3,9 @@
 transformers' extension point for checkpoint formats is its quantizer registry: a checkpoint whose config.json holds
 ``quantization_config = {"quant_method": "optimum_recon", ...}`` is loaded by the quantizer registered under that
 name. Ours registers when `optimum_recon` is imported. It declares the tensors a compact weight is saved as
-(`sparse_format.py`), and one load operation that decodes them into the dense weight while the checkpoint is read, one
-weight at a time, so loading never holds more than one decoded weight beside the model. After loading, the
+(`sparse_format.py`), and one load operation that hands the loader each weight decoded into the dense weight: decoded
+ahead of the loader, two at a time, from the time the model skeleton is built (`decode_ahead.py`), so that loading
+holds at most three decoded weights beyond those the model has taken. After loading, the
 quantization config is removed (``dequantize=True``): the model in memory is an ordinary dense model with zeros, and
 its own `save_pretrained` writes a dense checkpoint.
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .decode_ahead import DecodeAhead
 from .packed import PackedLinear, is_packed_loading, keep_packed, pack_linear_layers
 from .sparse_format import FORMAT_VERSION, MASK_SUFFIX, META_SUFFIX, SparseFormatError, decode_stored
 
@@ -81,7 +83,11 @@ class SparseDecompress(ConversionOps):
     def convert(self, input_dict: dict[str, Any], source_patterns=None, target_patterns=None,
                 full_layer_name: str | None = None, model=None, **kwargs) -> dict[str, torch.Tensor]:
         name = full_layer_name or "weight"
-        weight = decode_stored(name, *_stored(input_dict))
+        values, mask, meta = _stored(input_dict)
+        ahead = getattr(self.hf_quantizer, "ahead", None)
+        weight = ahead.take(name, meta) if ahead is not None and mask is not None and meta is not None else None
+        if weight is None:
+            weight = decode_stored(name, values, mask, meta)
         dtype = None
         if model is not None and full_layer_name is not None:
             try:
@@ -123,6 +129,7 @@ class SparseCheckpointQuantizer(HfQuantizer):
         self.packed = is_packed_loading()
         if self.packed:
             quantization_config.dequantize = False
+        self.ahead: DecodeAhead | None = None  # (set while weights load: `decode_ahead.py`)
 
     def get_load_operations(self) -> dict:
         return {"dequantize": SparseDecompress, "deserialize": SparseKeepPacked}
@@ -130,7 +137,19 @@ class SparseCheckpointQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.packed:
             pack_linear_layers(model, checkpoint_files or [])
+        else:
+            self._stop_decoding_ahead()
+            self.ahead = DecodeAhead(checkpoint_files or [])
         return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        self._stop_decoding_ahead()
+        return model
+
+    def _stop_decoding_ahead(self) -> None:
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None:
+            ahead.close()
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False

@@ -25,10 +25,9 @@ dense, unchanged. Encoding and decoding are pure tensor code; a decoded weight i
 
 from __future__ import annotations
 
-import ctypes
 import math
+import mmap
 import os
-import sys
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -192,9 +191,9 @@ def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows
             count: int, pool: ThreadPoolExecutor, into: torch.Tensor | None = None) -> torch.Tensor:
     """The dense (rows, cols) weight from checked-in-size values and mask (`decode`'s second half), in chunks that
     run on ``pool``'s threads, written into ``into`` when given."""
-    # not zeroed here: each chunk zeroes its own slice on its thread (fresh pages are faulted in and zeroed by the
-    # threads in parallel, instead of one serial pass over the whole weight first)
-    dense = _fresh(rows * cols, values.dtype) if into is None else into.view(-1)
+    # not zeroed here: fresh memory is zero already (`_fresh`), and memory given to reuse is zeroed chunk by chunk,
+    # each chunk its own slice on its thread
+    dense, zeroed = _fresh(rows * cols, values.dtype) if into is None else (into.view(-1), False)
     # the bits are moved, never converted: every dtype is read and written as the integer type of its size
     out, kept_values, packed = _as_bits(dense), _as_bits(values), mask.numpy()
     total = rows * cols
@@ -216,7 +215,8 @@ def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows
         def bitmask_chunk(index: int) -> None:
             first, last = starts[index], min(starts[index] + size, total)
             keep = np.unpackbits(packed[first // 8:(last + 7) // 8], count=last - first, bitorder="little")
-            _place(out[first:last], np.flatnonzero(keep.view(bool)), kept_values[firsts[index]:firsts[index + 1]])
+            _place(out[first:last], np.flatnonzero(keep.view(bool)), kept_values[firsts[index]:firsts[index + 1]],
+                   zeroed)
 
         _run(pool, bitmask_chunk, len(starts))
         return dense.view(rows, cols)
@@ -238,17 +238,19 @@ def _expand(values: torch.Tensor, mask: torch.Tensor, name: str, kind: int, rows
         if codes.size and int(codes.max()) >= positions.shape[0]:
             raise SparseFormatError(f"{name}: a group code is out of range for {n}:{m} (corrupted).")
         keep = np.take(positions, codes, axis=0)  # (g, m) bool: where each group's n values go
-        _place(out[first * m:last * m], np.flatnonzero(keep), kept_values[first * n:last * n])
+        _place(out[first * m:last * m], np.flatnonzero(keep), kept_values[first * n:last * n], zeroed)
 
     _run(pool, group_chunk, -(-groups // per_chunk))
     return dense.view(rows, cols)
 
 
-def _place(out: np.ndarray, positions: np.ndarray, values: np.ndarray) -> None:
-    """``out[:] = 0; out[positions] = values``; the assignment through torch's ``scatter_``, which is about 1.5x
-    numpy's integer-index assignment here (0.36 against 0.56 ms for 1M positions; decoding the 1.2B benchmark model's
-    weights: 1.76-1.80 s against 1.91-2.05 s at 50%, 1.80-1.98 s against 2.21-2.25 s at 2:4)."""
-    out.fill(0)
+def _place(out: np.ndarray, positions: np.ndarray, values: np.ndarray, zeroed: bool) -> None:
+    """``out[:] = 0`` (unless ``zeroed``: it holds zeros already), then ``out[positions] = values``, the assignment
+    through torch's ``scatter_``, which is about 1.5x numpy's integer-index assignment here (0.36 against 0.56 ms for
+    1M positions; decoding the 1.2B benchmark model's weights: 1.76-1.80 s against 1.91-2.05 s at 50%, 1.80-1.98 s
+    against 2.21-2.25 s at 2:4)."""
+    if not zeroed:
+        out.fill(0)
     torch.from_numpy(out).scatter_(0, torch.from_numpy(positions), torch.from_numpy(values))
 
 
@@ -365,41 +367,30 @@ def _chunk(total: int) -> int:
     return max(_MIN_CHUNK, min(_CHUNK, -(-per_thread // 64) * 64))
 
 
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14  # <linux/mman.h>
+def _fresh(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """An uninitialized CPU tensor for a decoded weight and whether it is known to hold zeros.
 
-
-@lru_cache(maxsize=1)
-def _madvise():
-    """libc's madvise, or None where there is none to call (not Linux, no libc found)."""
-    if not sys.platform.startswith("linux"):
-        return None
+    Why not ``torch.empty``: the decoded weight is fresh memory, paid for twice: the kernel zeroes every page it
+    faults in, and decoding then zeroed it again before placing the kept values. An anonymous memory map is zero by
+    definition, so its weights skip that second pass (the 1.2B benchmark model's 147 weights: 2.07 against 2.30 s,
+    median of 4 fresh processes, 2 cores). It is also marked for transparent huge pages (MADV_HUGEPAGE; this
+    machine's THP mode is `madvise`, so torch's allocator never got them: a 32 MiB weight took 9.7 ms to fault in
+    with 4 KiB pages, 3.4 ms with 2 MiB ones), a hint the kernel ignores where THP is off. The tensor keeps the map
+    alive and unmaps it when freed, as torch's own memory would be. Where no anonymous map can be made (an empty
+    weight), torch's memory, not known to be zero."""
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    # private: Python's default anonymous map is shared, which a forked child would write through to its parent
+    private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_PRIVATE") else {}
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return function
-
-
-def _fresh(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized CPU tensor for a decoded weight, backed by transparent huge pages where Linux offers them.
-
-    Why: the decoded weight is fresh memory, and its first write faults it in page by page. With 4 KiB pages that
-    was a large part of a compact load's extra time on the 2-core benchmark machine (a 32 MiB weight: 9.7 ms to
-    allocate and zero against 0.8 ms to zero it again; 3.4 ms with 2 MiB pages). torch's allocator asks for huge
-    pages only when THP_MEM_ALLOC_ENABLE is set before torch starts, so the whole 2 MiB-aligned span of the untouched
-    tensor is marked MADV_HUGEPAGE here: a hint, which the kernel ignores when THP is off, and which changes nothing
-    the tensor holds. Weights under 4 MiB are left alone (at most one huge page to gain for a system call)."""
-    tensor = torch.empty(numel, dtype=dtype)
-    madvise = _madvise() if tensor.nbytes >= 2 * _HUGE_PAGE else None
-    if madvise is not None:
-        start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (tensor.data_ptr() + tensor.nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            madvise(start, end - start, _MADV_HUGEPAGE)  # (a failure only means 4 KiB pages, as without it)
-    return tensor
+        memory = mmap.mmap(-1, nbytes, **private)
+    except (OSError, ValueError):  # (a zero-length map is an error)
+        return torch.empty(numel, dtype=dtype), False
+    if hasattr(memory, "madvise") and hasattr(mmap, "MADV_HUGEPAGE") and nbytes >= 4 << 20:
+        try:
+            memory.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # only 4 KiB pages, as without it
+    return torch.frombuffer(memory, dtype=dtype), True
 
 
 def decode_stored(name: str, weight: torch.Tensor, mask: torch.Tensor | None, meta: torch.Tensor | None
