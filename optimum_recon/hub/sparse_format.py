@@ -318,14 +318,14 @@ def _as_bits(tensor: torch.Tensor) -> np.ndarray:
 # throughout: the expansion is the bulk of a compact load, and torch's CPU `masked_scatter_` is a serial loop
 # (measured: about 200M weights/s, the same on 1 and 2 threads), while numpy's `unpackbits` (a table lookup) and
 # `flatnonzero` with an index assignment take a third of its time on one thread (16.8M bfloat16 weights at 50%: 0.023
-# s against 0.076 s; 2:4 0.05 s against 0.14 s). Chunks of at most _CHUNK entries (a multiple of 8: every chunk
-# starts on a mask byte) keep the temporaries (the kept positions as int64: 4 MB at 50%) near the cores' 2 MB L2
-# caches; a weight is cut into at least one chunk per thread, and the chunks, each zeroing its own slice first, run
-# on as many threads as torch uses (numpy releases the GIL in these calls). Measured on 2 cores, a whole
-# 1.2B-parameter bfloat16 load until ready: 50% 5.1 -> 4.1 s, 2:4 6.0-6.3 -> 4.3 s against one serial chunk loop
-# after one zero pass (transformers' loader threads have read the files by then: they no longer compete). Chunks of
-# 1M entries instead of 4M decoded the 1.2B model's 50% weights about 15% faster on a later machine (an Intel Xeon
-# with AMX; 256K: no better once fresh memory is written, 64K: slower, Python's share per chunk grows).
+# s against 0.076 s; 2:4 0.05 s against 0.14 s). Chunks of at most _CHUNK entries (a multiple of 8: every chunk starts
+# on a mask byte) keep the temporaries (the kept positions as int64: 4 MB at 50%) near the cores' 2 MB L2 caches; a
+# weight is cut into at least one chunk per thread, and the chunks (each zeroing its own slice first where the memory
+# is not fresh), run on as many threads as torch uses (numpy releases the GIL in these calls). Measured on 2 cores, a
+# whole 1.2B-parameter bfloat16 load until ready: 50% 5.1 -> 4.1 s, 2:4 6.0-6.3 -> 4.3 s against one serial chunk loop
+# after one zero pass (transformers' loader threads have read the files by then: they no longer compete). Chunks of 1M
+# entries instead of 4M decoded the 1.2B model's 50% weights about 15% faster on a later machine (an Intel Xeon with
+# AMX; 256K: no better once fresh memory is written, 64K: slower, Python's share per chunk grows).
 _CHUNK = 1 << 20
 _MIN_CHUNK = 1 << 18
 
@@ -372,12 +372,12 @@ def _fresh(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
 
     Why not ``torch.empty``: the decoded weight is fresh memory, paid for twice: the kernel zeroes every page it
     faults in, and decoding then zeroed it again before placing the kept values. An anonymous memory map is zero by
-    definition, so its weights skip that second pass (the 1.2B benchmark model's 147 weights: 2.07 against 2.30 s,
-    median of 4 fresh processes, 2 cores). It is also marked for transparent huge pages (MADV_HUGEPAGE; this
-    machine's THP mode is `madvise`, so torch's allocator never got them: a 32 MiB weight took 9.7 ms to fault in
-    with 4 KiB pages, 3.4 ms with 2 MiB ones), a hint the kernel ignores where THP is off. The tensor keeps the map
-    alive and unmaps it when freed, as torch's own memory would be. Where no anonymous map can be made (an empty
-    weight), torch's memory, not known to be zero."""
+    definition, so its weights skip that second pass (decoding the 1.2B benchmark model's 147 weights outside a
+    load: 2.07 against 2.30 s, median of 4 fresh processes, 2 cores; inside a load it pays with `decode_ahead.py`).
+    It is also marked for transparent huge pages (MADV_HUGEPAGE; this machine's THP mode is `madvise`, so torch's
+    allocator never got them: a 32 MiB weight took 9.7 ms to fault in with 4 KiB pages, 3.4 ms with 2 MiB ones), a
+    hint the kernel ignores where THP is off. The tensor keeps the map alive and unmaps it when freed, as torch's
+    own memory would be. Where no anonymous map can be made (an empty weight), torch's memory, not known to be zero."""
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     # private: Python's default anonymous map is shared, which a forked child would write through to its parent
     private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_PRIVATE") else {}
