@@ -8,8 +8,8 @@ import threading
 import torch
 from safetensors import safe_open
 from test_compact_save import _assert_bit_identical, _pruned, _state
+from transformers.core_model_loading import dot_natural_key
 
-from optimum_recon.hub import decode_ahead
 from optimum_recon.hub.decode_ahead import DecodeAhead
 from optimum_recon.hub.sparse_format import MASK_SUFFIX, META_SUFFIX, decode
 
@@ -76,9 +76,9 @@ def test_it_decodes_in_the_loaders_order_at_most_depth_plus_one_ahead(tmp_path, 
     ahead = DecodeAhead([str(f) for f in files], depth=2)
     try:
         names = ahead._order
-        assert names == sorted(names, key=decode_ahead._natural_order) and len(names) > 3
+        assert names == sorted(names, key=dot_natural_key) and len(names) > 3
         # numbered parts by number, as transformers loads: layer 2 before layer 10
-        order = sorted(["m.layers.10.q.weight", "m.layers.2.q.weight"], key=decode_ahead._natural_order)
+        order = sorted(["m.layers.10.q.weight", "m.layers.2.q.weight"], key=dot_natural_key)
         assert order == ["m.layers.2.q.weight", "m.layers.10.q.weight"]
         assert len(ahead._pending) == 3 and list(ahead._pending) == names[:3]  # bounded: never the whole model
         release.set()
@@ -134,7 +134,9 @@ def test_copies_share_it_and_files_without_compact_weights_start_nothing(tmp_pat
         ahead.close()
     assert ahead.take(ahead._order[0] if ahead._order else "x", torch.zeros(8)) is None  # closed: nothing more
     dense = sorted((tmp_path / "dense").glob("*.safetensors"))
-    idle = DecodeAhead([str(f) for f in dense] + [str(tmp_path / "pytorch_model.bin")])
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")  # the loader's to report
+    idle = DecodeAhead([str(f) for f in dense] + [str(tmp_path / "pytorch_model.bin"),
+                                                  str(tmp_path / "broken.safetensors")])
     assert len(idle) == 0 and idle._threads is None
     idle.close()
 

@@ -24,17 +24,9 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+from transformers.core_model_loading import dot_natural_key
 
 from .sparse_format import MASK_SUFFIX, META_SUFFIX, decode
-
-
-def _natural_order(name: str) -> tuple:
-    """transformers' loader converts weights in this order (its `dot_natural_key`: numbered parts by number)."""
-    try:
-        from transformers.core_model_loading import dot_natural_key
-    except ImportError:  # (an older transformers: the order only decides what is decoded first)
-        return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
-    return dot_natural_key(name)
 
 
 class DecodeAhead:
@@ -47,14 +39,17 @@ class DecodeAhead:
         for file in checkpoint_files or []:
             if not str(file).endswith(".safetensors"):
                 continue
-            reader = safe_open(str(file), framework="pt")
+            try:
+                reader = safe_open(str(file), framework="pt")
+            except Exception:  # noqa: BLE001 (an unreadable file is the loader's to report, with its own error)
+                continue
             names = set(reader.keys())
             compact = [n.removesuffix(MASK_SUFFIX) for n in names if n.endswith(MASK_SUFFIX)]
             compact = [n for n in compact if n in names and n + META_SUFFIX in names]
             if compact:
                 self._readers.append(reader)
                 self._where.update((name, reader) for name in compact)
-        self._order = sorted(self._where, key=_natural_order)
+        self._order = sorted(self._where, key=dot_natural_key)  # the order transformers' loader converts in
         self._next = 0
         self._pending: dict[str, Future] = {}
         self._taken: set[str] = set()
