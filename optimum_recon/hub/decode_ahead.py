@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from transformers.core_model_loading import dot_natural_key
 
-from .sparse_format import MASK_SUFFIX, META_SUFFIX, decode
+from .sparse_format import MASK_SUFFIX, META_SUFFIX, decode, stored_compact
 
 
 class DecodeAhead:
@@ -44,8 +44,7 @@ class DecodeAhead:
             except Exception:  # noqa: BLE001 (an unreadable file is the loader's to report, with its own error)
                 continue
             names = set(reader.keys())
-            compact = [n.removesuffix(MASK_SUFFIX) for n in names if n.endswith(MASK_SUFFIX)]
-            compact = [n for n in compact if n in names and n + META_SUFFIX in names]
+            compact = [n for n in stored_compact(names) if n + META_SUFFIX in names]
             if compact:
                 self._readers.append(reader)
                 self._where.update((name, reader) for name in compact)
@@ -95,7 +94,7 @@ class DecodeAhead:
             weight, stored = future.result()
         except Exception:  # noqa: BLE001 (the loader's own tensors are decoded next and raise the error)
             return None
-        if stored.shape != meta.shape or not torch.equal(stored.to(meta.device), meta):
+        if not torch.equal(stored.to(meta.device), meta):  # (False for another shape too)
             return None
         return weight
 

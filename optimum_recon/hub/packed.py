@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sparse_format import MASK_SUFFIX, META_SUFFIX, decode
+from .sparse_format import MASK_SUFFIX, META_SUFFIX, decode, stored_compact
 
 _PACKED = contextvars.ContextVar("optimum_recon_packed_loading", default=False)
 # safetensors' dtype names -> torch (what a compact weight's values may be stored as)
@@ -117,15 +117,13 @@ def compressed_weights(checkpoint_files: list[str]) -> dict[str, tuple[tuple[tor
             continue
         with safe_open(file, framework="pt") as reader:
             names = set(reader.keys())
-            for name in names:
-                if not name.endswith(MASK_SUFFIX) or name.removesuffix(MASK_SUFFIX) not in names:
-                    continue
-                base = name.removesuffix(MASK_SUFFIX)
+            for base in stored_compact(names):
                 values = reader.get_slice(base)
                 dtype = _STORED_DTYPES.get(values.get_dtype())
                 if dtype is None:
                     continue  # not a float: left to the normal (expanding) load, which names the problem
-                found[base] = ((torch.Size(values.get_shape()), dtype), int(reader.get_slice(name).get_shape()[0]))
+                found[base] = ((torch.Size(values.get_shape()), dtype),
+                               int(reader.get_slice(base + MASK_SUFFIX).get_shape()[0]))
     return found
 
 

@@ -378,7 +378,7 @@ def _fresh(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     allocator never got them: a 32 MiB weight took 9.7 ms to fault in with 4 KiB pages, 3.4 ms with 2 MiB ones), a
     hint the kernel ignores where THP is off. The tensor keeps the map alive and unmaps it when freed, as torch's
     own memory would be. Where no anonymous map can be made (an empty weight), torch's memory, not known to be zero."""
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     # private: Python's default anonymous map is shared, which a forked child would write through to its parent
     private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_PRIVATE") else {}
     try:
@@ -391,6 +391,12 @@ def _fresh(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
         except OSError:
             pass  # only 4 KiB pages, as without it
     return torch.frombuffer(memory, dtype=dtype), True
+
+
+def stored_compact(names: set[str]) -> list[str]:
+    """The weights a checkpoint file with tensor ``names`` stores compact: each that has a mask beside it."""
+    return [name.removesuffix(MASK_SUFFIX) for name in names
+            if name.endswith(MASK_SUFFIX) and name.removesuffix(MASK_SUFFIX) in names]
 
 
 def decode_stored(name: str, weight: torch.Tensor, mask: torch.Tensor | None, meta: torch.Tensor | None
