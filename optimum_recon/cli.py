@@ -255,11 +255,12 @@ def _preflight_prune(args: argparse.Namespace) -> PruningConfig:
     model_folder = model_path if os.path.isdir(model_path) else None
     if args.output:
         check_output_dir(args.output, kind="model", overwrite=args.overwrite, what="--output",
-                         protect=[model_folder, args.checkpoint_dir])
+                         protect=[model_folder, ("--checkpoint-dir", args.checkpoint_dir)])
     if args.checkpoint_dir:
         from .engine.checkpoint import check_checkpoint_dir
 
-        check_checkpoint_dir(args.checkpoint_dir, protect=[model_folder, args.output], what="--checkpoint-dir")
+        check_checkpoint_dir(args.checkpoint_dir, protect=[model_folder, ("--output", args.output)],
+                             what="--checkpoint-dir")
     if args.activation_folder and os.path.isfile(args.activation_folder):
         raise ValueError(f"--activation-folder {args.activation_folder!r} is a file: pass a folder.")
     if args.push_to_hub and not args.output:

@@ -1,14 +1,22 @@
 """The output-folder contract: optimum-recon writes only into folders it may write, and never loses a user's files.
 
 Every folder the tool writes (a saved model, a comparison, a checkpoint, a generated dataset) holds a marker file,
-`.optimum-recon.json`, naming its kind and the files the tool wrote there. A folder may be written when it is
+`.optimum-recon.json`, naming its kind and the files the tool wrote there, each with its size and SHA-256. A folder
+may be written when it is
 
 * new, or empty;
-* a folder of the same kind that optimum-recon wrote itself (its marker says so) and that holds nothing else.
+* a folder of the same kind that optimum-recon wrote itself and that holds exactly the files its marker lists,
+  unchanged: no file edited since (a README.md the user improved), none added, no sub-folder or symbolic link
+  (optimum-recon writes neither into these folders), and a marker whose hashes match its files (a marker written by
+  hand, or by a version that recorded no hashes, proves nothing).
 
-Anything else is refused before any work starts, unless the caller passes ``overwrite=True`` (`--overwrite`);
-even then the model being pruned, a folder that contains it, the current folder, a parent of it, the home
-folder and the filesystem root are never replaced.
+Anything else is refused before any work starts, naming the entry, unless the caller passes ``overwrite=True``
+(`--overwrite`); even then the model being pruned, a folder that contains it or lies inside it, the current folder, a
+parent of it, the home folder and the filesystem root are never replaced.
+
+Checking a hash reads the file; a file whose size and modification time (in nanoseconds) are the ones recorded is
+taken as unchanged without reading it, so checking a saved 70B model's folder costs a few `stat` calls, and only a
+file that was touched is read again.
 
 Writes are atomic (`atomic_directory`): everything goes into a hidden sibling ``.<name>.partial-<random>`` that
 replaces the target only once complete. A save killed with SIGKILL leaves such a sibling behind; it carries its
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -47,27 +56,98 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("kind") not in KINDS or not isinstance(data.get("files"), list):
+    if not isinstance(data, dict) or data.get("kind") not in KINDS or not isinstance(data.get("files"), (list, dict)):
         return None
     return data
 
 
+def file_record(path: Path) -> dict[str, Any]:
+    """What the marker keeps of a file it lists: bytes, modification time (ns) and SHA-256 of the content."""
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
 def write_marker(folder: str | os.PathLike, kind: str, files: Iterable[str] | None = None) -> Path:
-    """Write the marker of ``folder``: its kind and the files in it (all of them unless ``files`` is given)."""
+    """Write the marker of ``folder``: its kind and the files in it (all of them unless ``files`` is given), each
+    with its size and content hash."""
     from .version import __version__
 
     folder = Path(folder)
-    if files is None:
-        files = _listing(folder)
-    data = {"kind": kind, "files": sorted(set(files) - {MARKER}), "optimum_recon_version": __version__}
+    names = _listing(folder) if files is None else files
+    records = {name: file_record(folder / name) for name in sorted(set(names) - {MARKER})}
+    data = {"kind": kind, "files": records, "optimum_recon_version": __version__}
     path = folder / MARKER
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     return path
 
 
+def update_marker(folder: str | os.PathLike, names: Iterable[str]) -> None:
+    """Record new contents of files optimum-recon itself rewrote in a folder it owns (``eval --update-card``)."""
+    folder = Path(folder)
+    marker = read_marker(folder)
+    if marker is None or not isinstance(marker["files"], dict):
+        return
+    for name in names:
+        marker["files"][name] = file_record(folder / name)
+    (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+
+
 def _listing(folder: Path) -> list[str]:
     """Every file under ``folder`` as a relative POSIX path (folders themselves are not listed)."""
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def _entries(folder: Path) -> Iterator[tuple[str, str]]:
+    """Every entry under ``folder`` as (relative POSIX path, "file" | "folder" | "link"), without following links."""
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        base = Path(root)
+        for name in dirs + files:
+            path = base / name
+            kind = "link" if path.is_symlink() else "folder" if path.is_dir() else "file"
+            yield path.relative_to(folder).as_posix(), kind
+
+
+def _unchanged(path: Path, record: Any) -> bool:
+    """Whether ``path`` still holds what the marker recorded (size and time first; the hash when they differ)."""
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        return False
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    if stat.st_size != record.get("bytes"):
+        return False
+    if stat.st_mtime_ns == record.get("mtime_ns"):
+        return True
+    return file_record(path)["sha256"] == record["sha256"]
+
+
+def foreign_entries(folder: str | os.PathLike, marker: dict) -> list[str]:
+    """The entries of an optimum-recon folder that are not exactly what its marker says it wrote, each with why:
+    files changed or missing a hash, files added, sub-folders and links. Empty when the folder may be replaced."""
+    folder = Path(folder)
+    files = marker["files"]
+    if not isinstance(files, dict):  # a marker of names alone (by hand, or before hashes were recorded)
+        files = dict.fromkeys(files)
+    found = []
+    for name, kind in _entries(folder):
+        if name == MARKER:
+            continue
+        if kind == "link":
+            found.append(f"{name} (a symbolic link)")
+        elif kind == "folder":
+            if not any(listed.startswith(name + "/") for listed in files):
+                found.append(f"{name}/ (a folder)")
+        elif name not in files:
+            found.append(name)
+        elif not _unchanged(folder / name, files[name]):
+            found.append(f"{name} (changed since optimum-recon wrote it)" if isinstance(files[name], dict)
+                         else f"{name} (no record of what optimum-recon wrote)")
+    return found
 
 
 def _never_replaced() -> list[Path]:
@@ -96,8 +176,8 @@ def check_output_dir(
         path: The folder to write.
         kind: What will be written (`model`, `comparison`, `checkpoint`, `dataset`).
         overwrite: Replace a folder that holds other files (never a protected one).
-        protect: Folders that must survive whatever happens: typically the input model's folder. ``path`` may not
-            be one of them nor contain one.
+        protect: Folders that must survive whatever happens: typically the input model's folder (an entry may be a
+            pair (how the message names it, path)). ``path`` may not be one of them, contain one or lie inside one.
         what: How the message names the folder (e.g. ``"--output"``).
         flag: How the message names the overwrite option (None: there is none, as for checkpoints).
         owned: For folders whose files change while they are written (checkpoints): which relative paths are the
@@ -111,14 +191,16 @@ def check_output_dir(
     if target.exists() and not target.is_dir():
         raise OutputFolderError(f"{what} {shown!r} is a file, not a folder: pass a folder path.")
     for guarded in protect:
+        label, guarded = guarded if isinstance(guarded, tuple) else ("the input model's folder", guarded)
         if guarded is None:
             continue
         guarded = Path(guarded).expanduser().resolve()
-        if _contains(target, guarded):
-            inside = "is" if target == guarded else "contains"
+        if _contains(target, guarded) or _contains(guarded, target):
+            where = "is" if target == guarded else "contains" if _contains(target, guarded) else "is inside"
+            read = "the model being read" if label.endswith("model's folder") else "it"
             raise OutputFolderError(
-                f"{what} {shown!r} {inside} the input model's folder {str(guarded)!r}; writing there would replace "
-                "the model being read. Choose another folder"
+                f"{what} {shown!r} {where} {label} {str(guarded)!r}; writing there would mix the output with "
+                f"{read}. Choose a folder outside it"
                 + (f" (this is refused even with {flag})." if flag else ".")
             )
     if target.is_dir():
@@ -155,12 +237,20 @@ def _check_existing(target: Path, shown: str, kind: str, overwrite: bool, what: 
         )
     if owned is not None:
         extra = [name for name in _listing(target) if name != MARKER and not owned(name)]
+    elif not isinstance(marker["files"], dict) or not all(
+            isinstance(r, dict) and "sha256" in r for r in marker["files"].values()):
+        raise OutputFolderError(
+            f"{what} {shown!r} has an optimum-recon marker ({MARKER}) without the hash of every file it lists (one "
+            "written by hand, or by an older version), so its files cannot be told from yours. Move your files out "
+            f"and delete the folder, or choose another folder{f', or pass {flag} to replace it' if flag else ''}."
+        )
     else:
-        extra = sorted(set(_listing(target)) - set(marker["files"]) - {MARKER})
+        extra = foreign_entries(target, marker)
     if extra:
         raise OutputFolderError(
-            f"{what} {shown!r} was written by optimum-recon but now also holds other files ({_some(extra)}); they "
-            f"would be lost. Move them out or choose another folder{f', or pass {flag}' if flag else ''}."
+            f"{what} {shown!r} was written by optimum-recon but now also holds things it did not write "
+            f"({_some(extra)}); they would be lost. Move them out or choose another folder"
+            f"{f', or pass {flag} to replace it' if flag else ''}."
         )
 
 

@@ -155,6 +155,82 @@ def test_stale_partial_folders_are_removed_but_not_others(user, tiny_model_dir, 
     assert not stale.exists() and (lookalike / "keep.txt").is_file()
 
 
+def test_output_inside_the_model_folder(user, tiny_model_dir, text_file, capsys):
+    before = _snapshot(tiny_model_dir)
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", tiny_model_dir / "pruned", "--overwrite"),
+                        capsys)
+    assert code == 2
+    _one_line_error(err, "is inside the input model's folder")
+    assert "Loading weights" not in err and _snapshot(tiny_model_dir) == before
+
+
+def _saved_once(user, tiny_model_dir, text_file, capsys) -> Path:
+    out = user / "out"
+    assert _run(_prune(tiny_model_dir, text_file, "--output", out), capsys)[0] == 0
+    return out
+
+
+def _change_readme(out: Path) -> None:
+    (out / "README.md").write_text((out / "README.md").read_text() + "\nMy evaluation on our data: 71%.\n")
+
+
+def _add_link(out: Path) -> None:
+    (out / "latest").symlink_to(out / "model.safetensors")
+
+
+def _add_folder(out: Path) -> None:
+    (out / "plots").mkdir()
+
+
+def _forge_marker(out: Path) -> None:
+    (out / "thesis.txt").write_text("two years of work\n")
+    marker = json.loads((out / MARKER).read_text())
+    marker["files"]["thesis.txt"] = {"bytes": 18, "mtime_ns": 0, "sha256": "0" * 64}
+    (out / MARKER).write_text(json.dumps(marker))
+
+
+def _names_only_marker(out: Path) -> None:
+    (out / "thesis.txt").write_text("two years of work\n")
+    marker = json.loads((out / MARKER).read_text())
+    marker["files"] = sorted([*marker["files"], "thesis.txt"])
+    (out / MARKER).write_text(json.dumps(marker))
+
+
+@pytest.mark.parametrize("change, entry", [
+    (_change_readme, "README.md (changed since optimum-recon wrote it)"),
+    (_add_link, "latest (a symbolic link)"),
+    (_add_folder, "plots/ (a folder)"),
+    (_forge_marker, "thesis.txt (changed since optimum-recon wrote it)"),
+    (_names_only_marker, "without the hash of every file it lists"),
+])
+def test_a_saved_folder_the_user_changed_is_theirs(change, entry, user, tiny_model_dir, text_file, capsys):
+    """Each of these was replaced or deleted silently when the marker held names alone."""
+    out = _saved_once(user, tiny_model_dir, text_file, capsys)
+    change(out)
+    before = _snapshot(out)
+    links = sorted(p.name for p in out.iterdir() if p.is_symlink() or p.is_dir())
+    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", out, "--sparsity", "0.6"), capsys)
+    assert code == 2
+    _one_line_error(err, entry)
+    assert "Loading weights" not in err and "--overwrite" in err
+    assert _snapshot(out) == before and sorted(p.name for p in out.iterdir() if p.is_symlink() or p.is_dir()) == links
+
+
+def test_a_saved_folder_touched_but_unchanged_is_still_ours(user, tiny_model_dir, text_file, capsys):
+    out = _saved_once(user, tiny_model_dir, text_file, capsys)
+    os.utime(out / "README.md", ns=(1, 1))  # touched (copied with cp, say): same bytes, another time
+    assert _run(_prune(tiny_model_dir, text_file, "--output", out, "--sparsity", "0.6"), capsys)[0] == 0
+    assert json.loads((out / "pruning_config.json").read_text())["sparsity"] == 0.6
+
+
+def test_a_card_updated_by_eval_is_still_ours(user, tiny_model_dir, text_file, capsys):
+    out = _saved_once(user, tiny_model_dir, text_file, capsys)
+    code, _, err = _run(["eval", "--model", out, "--dataset", text_file, "--eval-max-tokens", "256", "--no-progress",
+                         "--update-card"], capsys)
+    assert code == 0, err
+    assert _run(_prune(tiny_model_dir, text_file, "--output", out, "--sparsity", "0.6"), capsys)[0] == 0
+
+
 # --- 2. finite settings, and training that diverges ---------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "inf"], "lr=inf is not valid"),
@@ -428,15 +504,15 @@ def test_ctrl_c_is_one_line_and_exit_130(user, tiny_model_dir, text_file):
     ck = user / "ck"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "optimum_recon.cli"] + [str(a) for a in _prune(
-        tiny_model_dir, text_file, "--reconstruction", "block", "--epochs", "100000", "--checkpoint-dir", ck,
-        "--output", user / "out")]
+        tiny_model_dir, text_file, "--reconstruction", "block", "--epochs", "100000", "--no-guard",
+        "--checkpoint-dir", ck, "--output", user / "out")]
     # (a process started in the background inherits an ignored SIGINT: restore the default, as a terminal has it)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (ck / MARKER).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(1.0)  # inside the training loop
+    time.sleep(1.0)  # inside the training loop (unguarded: 100,000 epochs, never stopped early)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

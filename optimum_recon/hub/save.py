@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..configuration import PruningConfig
-from ..folders import atomic_directory
+from ..folders import atomic_directory, update_marker
 from ..report import REPORT_NAME, PruningReport
 from .card import base_model_license, build_model_card
 from .compact import SPARSE_FORMATS, dtype_name, rewrite_weights
@@ -102,4 +102,5 @@ def record_evaluation(
         base_model, license = getattr(data, "base_model", None), getattr(data, "license", None)
     report.save(report_path)
     build_model_card(config, report, base_model=base_model, license=license).save(folder / "README.md")
+    update_marker(folder, [REPORT_NAME, "README.md"])  # our own rewrite: the folder stays replaceable
     return folder
