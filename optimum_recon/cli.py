@@ -336,10 +336,12 @@ def run_eval(args: argparse.Namespace) -> int:
     _check_eval_data(datasets)
     pruner = _load(args)
     output: dict[str, Any] = {"model": args.model, "results": {}}
+    protocols: dict[str, dict[str, Any]] = {}
     for name, result in pruner.evaluate(datasets, **_eval_kwargs(args)).items():
         print(f"{name}: perplexity {result.perplexity:.3f} ({result.num_tokens:,} tokens, windows of {result.seq_len})")
         output["results"][name] = {"perplexity": result.perplexity, "num_tokens": result.num_tokens,
                                    "seq_len": result.seq_len}
+        protocols[name] = result.protocol()
     tasks = {}
     if args.tasks:
         tasks = pruner.evaluate_tasks(args.tasks, limit=_limit(args.limit), num_fewshot=args.num_fewshot,
@@ -364,7 +366,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
         folder = record_evaluation(
             resolve_model_path(args.model), perplexity={n: r["perplexity"] for n, r in output["results"].items()},
-            zero_shot={n: r.accuracy for n, r in tasks.items() if r.accuracy is not None})
+            zero_shot={n: r.accuracy for n, r in tasks.items() if r.accuracy is not None}, protocols=protocols)
         print(f"results recorded in {folder / 'README.md'}")
     return 0
 

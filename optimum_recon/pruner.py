@@ -73,14 +73,16 @@ class ReconPruner:
         # checkpoint's config before loading), else the dtype of the model in memory
         self.checkpoint_dtype: str | None = name_of_dtype(getattr(model, "dtype", "")) or None
         self._dense_perplexity: dict[str, float] = {}
+        self._dense_protocol: dict[str, dict[str, Any]] = {}
         self._dense_zero_shot: dict[str, float] = {}
 
     @classmethod
     def from_pretrained(
         cls,
-        model_id_or_path: str | None = None,
+        model_id_or_path: str | os.PathLike | PreTrainedModel | None = None,
         config: PruningConfig | None = None,
         *,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
         dtype: Any = None,
         device_map: Any = None,
         max_memory: dict | None = None,
@@ -90,7 +92,9 @@ class ReconPruner:
         read_calibration: bool = True,
         **model_kwargs: Any,
     ) -> "ReconPruner":
-        """Load a model from the Hub or a local folder (the bundled SmolLM2-135M-Instruct when omitted).
+        """Load a model from the Hub or a local folder (the bundled SmolLM2-135M-Instruct when omitted), or take a
+        model already in memory (a `PreTrainedModel`: pruned in place) with its ``tokenizer`` (an object or where to
+        load it from; for a model object, default: the folder or Hub id its config names).
 
         `device_map`, `max_memory` and `offload_folder` are passed to `from_pretrained`. Everything that can be
         checked without the weights is checked before they are loaded: the dtype, the folders, the tokenizer, and
@@ -105,10 +109,17 @@ class ReconPruner:
         """
         dist.init_distributed()
         config = config if config is not None else PruningConfig()
+        if isinstance(model_id_or_path, torch.nn.Module):
+            return cls._from_model(model_id_or_path, config, tokenizer, read_calibration, blocks_path=blocks_path,
+                                   given={"dtype": dtype, "device_map": device_map, "max_memory": max_memory,
+                                          "offload_folder": offload_folder, **model_kwargs})
+        if model_id_or_path is not None and not isinstance(model_id_or_path, (str, os.PathLike)):
+            raise TypeError(f"model_id_or_path must be a Hub model id, a local folder or a transformers model, not "
+                            f"{type(model_id_or_path).__name__}.")
         dtype = parse_dtype(dtype)
         if config.calibration.external_source is not None:  # fail before the (possibly long) model load
             check_source(config.calibration.external_source)
-        path = resolve_model_path(model_id_or_path)
+        path = resolve_model_path(None if model_id_or_path is None else str(model_id_or_path))
         check_model_exists(path, model_kwargs.get("trust_remote_code", False))
         if offload_folder is not None:
             if dist.is_distributed():
@@ -119,7 +130,8 @@ class ReconPruner:
         for key, value in (("device_map", device_map), ("max_memory", max_memory), ("offload_folder", offload_folder)):
             if value is not None:
                 model_kwargs[key] = value
-        tokenizer = load_tokenizer(path, model_kwargs.get("trust_remote_code", False))
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(str(tokenizer or path), model_kwargs.get("trust_remote_code", False))
         with recorded_warnings() as notes:
             windows = external_windows(tokenizer, config.calibration) if read_calibration else None
         saved_dtype = checkpoint_dtype(path, model_kwargs.get("trust_remote_code", False))
@@ -131,13 +143,66 @@ class ReconPruner:
         pruner._prepared = (dataclasses.asdict(config.calibration), windows, notes)
         return pruner
 
+    @classmethod
+    def _from_model(cls, model: torch.nn.Module, config: PruningConfig, tokenizer: Any, read_calibration: bool, *,
+                    blocks_path: str | None, given: dict[str, Any]) -> "ReconPruner":
+        """`from_pretrained` of a model object: nothing to load but the tokenizer (and the calibration data)."""
+        loading = sorted(k for k, v in given.items() if v is not None and k != "trust_remote_code")
+        if loading:
+            raise ValueError(f"{', '.join(loading)} {'apply' if len(loading) > 1 else 'applies'} to loading a model, "
+                             "and this one is already loaded: place it yourself (model.to(...), or load it with "
+                             "from_pretrained(..., device_map=...)) or pass its id or folder instead.")
+        if hasattr(model, "peft_config"):
+            raise ValueError("this is a peft model: merge its adapters first (model = model.merge_and_unload()) and "
+                             "pass the merged model; optimum-recon prunes the base weights, not adapters.")
+        if not hasattr(model, "config") or not hasattr(model, "generate"):
+            raise TypeError(f"{type(model).__name__} is not a transformers causal LM (a PreTrainedModel with a "
+                            "config, as AutoModelForCausalLM.from_pretrained returns).")
+        name = getattr(model.config, "_name_or_path", "") or None
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            where = str(tokenizer) if tokenizer is not None else name
+            if where is None:
+                raise ValueError("this model does not say where it was loaded from, so its tokenizer cannot be "
+                                 "found: pass tokenizer= (the tokenizer object, or its Hub id or folder).")
+            tokenizer = load_tokenizer(where, given.get("trust_remote_code", False))
+        if config.calibration.external_source is not None:
+            check_source(config.calibration.external_source)
+        with recorded_warnings() as notes:
+            windows = external_windows(tokenizer, config.calibration) if read_calibration else None
+        pruner = cls(model, tokenizer, config, model_id=name, blocks_path=blocks_path)
+        pruner.source_folder = name if name and os.path.isdir(name) else None
+        pruner._prepared = (dataclasses.asdict(config.calibration), windows, notes)
+        return pruner
+
     def calibration_set(
-        self, data: Sequence[str] | torch.Tensor | None = None, *, progress: bool = False,
-        device: torch.device | str | None = None,
+        self, data: Sequence[str] | torch.Tensor | CalibrationSet | None = None, *, progress: bool = False,
+        device: torch.device | str | None = None, heldout: torch.Tensor | Sequence[str] | None = None,
     ) -> CalibrationSet:
         """The `CalibrationSet` a `prune` with ``data`` (on ``device``) uses (see `build_calibration_set`): from
         ``config.calibration`` (read before the model was loaded, then the dense model's self-generated windows),
-        from a list of texts, or token ids (N, T) (then without held-out windows)."""
+        from a list of texts, token ids (N, T) (held-out windows only with ``heldout``), or a `CalibrationSet` as
+        it is. ``heldout``: held-out windows of your own, token ids (H, T) or texts cut like the calibration ones;
+        they replace any the data would give."""
+        if isinstance(data, CalibrationSet):
+            if heldout is not None:
+                raise ValueError("a CalibrationSet carries its own held-out windows: set them on it "
+                                 "(dataclasses.replace(calibration, heldout=ids)) instead of passing heldout=.")
+            return data
+        calibration = self._calibration_set(data, progress=progress, device=device)
+        if heldout is None:
+            return calibration
+        if not isinstance(heldout, torch.Tensor):
+            from .data.calibration import sample_calibration_windows
+
+            texts = [heldout] if isinstance(heldout, str) else list(heldout)
+            heldout = sample_calibration_windows(self.tokenizer, dataclasses.replace(
+                self.config.calibration, num_samples=self.config.calibration.num_heldout or 8), texts)
+        if heldout.shape[-1] != calibration.ids.shape[-1]:
+            raise ValueError(f"held-out windows of {heldout.shape[-1]} tokens do not match the calibration windows' "
+                             f"{calibration.ids.shape[-1]}: cut them to the same length.")
+        return dataclasses.replace(calibration, heldout=heldout)
+
+    def _calibration_set(self, data, *, progress: bool, device) -> CalibrationSet:
         cal = self.config.calibration
         prepared = getattr(self, "_prepared", None)
         external = None
@@ -156,8 +221,9 @@ class ReconPruner:
 
     def prune(
         self,
-        calibration_data: Sequence[str] | torch.Tensor | None = None,
+        calibration_data: Sequence[str] | torch.Tensor | CalibrationSet | None = None,
         *,
+        heldout: torch.Tensor | Sequence[str] | None = None,
         device: torch.device | str | None = None,
         progress: bool = True,
         checkpoint_dir: str | os.PathLike | None = None,
@@ -167,7 +233,10 @@ class ReconPruner:
         """Prune (and reconstruct) the model in place and return the `PruningReport`.
 
         Args:
-            calibration_data: Texts to cut windows from, or token ids (N, T); default: ``config.calibration``.
+            calibration_data: Texts to cut windows from, token ids (N, T), or a `CalibrationSet` (with its held-out
+                windows); default: ``config.calibration``.
+            heldout: Held-out windows for texts or token ids (H, T), or texts to cut them from: the guard and
+                ``lr="auto"`` judge training on them (without any, training is unguarded).
             device: Where each block runs (default: the GPU when there is one).
             progress: Show progress bars (on rank 0 only in a distributed run).
             checkpoint_dir: Save progress after every block; a later call with the same folder (after a crash or
@@ -182,13 +251,14 @@ class ReconPruner:
         runtime = Runtime(device=device, progress=progress, checkpoint_dir=checkpoint_dir,
                           activation_offload=activation_offload, activation_folder=activation_folder,
                           blocks_path=self.blocks_path)
-        calibration = self.calibration_set(calibration_data, progress=progress, device=device)
+        calibration = self.calibration_set(calibration_data, progress=progress, device=device, heldout=heldout)
         self._interrupted = True  # until prune_model returns: the weights in memory are half pruned
         report = prune_model(self.model, self.config, calibration, runtime)  # the engine writes the report
         self._interrupted = False
         self.report = report
         for name, value in self._dense_perplexity.items():
             self.report.perplexity.setdefault(name, {})["dense"] = value
+            self.report.evaluation.setdefault(name, {})["dense"] = self._dense_protocol[name]
         for name, value in self._dense_zero_shot.items():
             self.report.zero_shot.setdefault(name, {})["dense"] = value
         return self.report
@@ -215,8 +285,10 @@ class ReconPruner:
             results[name] = result
             if self.report is None:
                 self._dense_perplexity[name] = result.perplexity
+                self._dense_protocol[name] = result.protocol()
             else:
                 self.report.perplexity.setdefault(name, {})[label] = result.perplexity
+                self.report.evaluation.setdefault(name, {})[label] = result.protocol()
         return results
 
     def evaluate_tasks(
@@ -269,6 +341,11 @@ class ReconPruner:
         ``AutoModelForCausalLM.from_pretrained(folder)`` once `optimum_recon` is imported, and
         ``optimum-recon decompress`` turns it into a dense one for other tools.
 
+        Nothing written names a local path: a model or data file read from this machine is named by its base name
+        (a relative path as given), marked local, data files with their SHA-256. ``kwargs`` fill the card's Hub
+        metadata where it cannot be inferred: ``base_model_id`` (the Hub model a local folder is a copy of),
+        ``license``, ``datasets`` (Hub dataset ids to list).
+
         Raises:
             RuntimeError: when `prune` was interrupted or failed: the weights in memory are then half pruned.
         """
@@ -304,12 +381,14 @@ class ReconPruner:
         commit_message: str | None = None,
         save_dtype: Any = None,
         sparse_format: str | None = None,
+        **card: Any,
     ) -> CommitInfo:
         """Upload the pruned model (with its recipe, report and model card) to the Hub.
 
         The folder last written by `save_pretrained` is uploaded (or ``save_directory``, saved first when it
         does not hold this model yet, with ``save_dtype`` and ``sparse_format`` as in `save_pretrained`); the upload
-        only reads it, so a failed push leaves it intact.
+        only reads it, so a failed push leaves it intact. The pushed model card's load snippet names ``repo_id``.
+        ``card``: ``base_model_id``, ``license``, ``datasets`` for a save made here (see `save_pretrained`).
 
         Returns:
             The `huggingface_hub` commit of the upload.
@@ -329,6 +408,6 @@ class ReconPruner:
             folder = Path(tempfile.mkdtemp(prefix="optimum-recon-push-")) / repo_id.split("/")[-1]
         if getattr(self, "_saved_to", None) != Path(folder).expanduser().resolve() or (
                 asked and self._saved_as != self._save_form(save_dtype, sparse_format)):
-            self.save_pretrained(folder, save_dtype=save_dtype, sparse_format=sparse_format)
+            self.save_pretrained(folder, save_dtype=save_dtype, sparse_format=sparse_format, **card)
         return dist.run_on_main(push_folder, self._saved_to, repo_id, private=private, token=token,
                                 revision=revision, create_pr=create_pr, commit_message=commit_message)

@@ -110,6 +110,11 @@ class PruningReport:
     environment: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings raised while loading data and pruning
     calibration: dict[str, Any] = field(default_factory=dict)  # windows used: external, self-generated, for masks
+    # how each perplexity was measured: dataset -> {"dense": protocol, "pruned": protocol} (PerplexityResult.protocol)
+    evaluation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the inputs as published (hub/provenance.py): the model and data by name, local ones marked, with their hashes;
+    # base_model, license and datasets for the card's metadata; never a local path
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final_error(self) -> float | None:

@@ -190,7 +190,9 @@ def test_cli_eval_records_results_in_the_card_and_compare_runs(three_models, tex
     assert "Zero-shot accuracy" in card and "| tiny_choice | not measured | " in card
     report = json.loads((tmp_path / "lr" / "pruning_report.json").read_text())
     assert report["zero_shot"]["tiny_choice"]["pruned"] == result["tasks"]["tiny_choice"]["metrics"]["acc"]
-    assert report["perplexity"][str(text_file)]["pruned"] == result["results"][str(text_file)]["perplexity"]
+    # published by its base name, with how it was measured
+    assert report["perplexity"]["text.txt"]["pruned"] == result["results"][str(text_file)]["perplexity"]
+    assert report["evaluation"]["text.txt"]["pruned"]["seq_len"] == 32 and str(tmp_path) not in card
 
     assert main(["compare", *three_models, "--names", "dense", "lr", "br", "--datasets", str(text_file),
                  "--eval-seq-len", "32", "--no-latency", "--output", str(tmp_path / "c"), "--no-progress"]) == 0

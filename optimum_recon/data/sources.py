@@ -187,17 +187,28 @@ def check_source(source: str) -> None:
 
 def load_documents(source: str, split: str = "train", text_column: str | None = None) -> list[str]:
     """The documents (rows) of ``source``: a known name, a local file or folder, or a Hub dataset id."""
+    return resolve_documents(source, split, text_column)[0]
+
+
+# where `resolve_documents` read a source: the words a model card uses for it
+ORIGINS = {"local": "a local file", "data_dir": f"the copy under ${DATA_DIR_ENV}", "hub": "the Hugging Face Hub",
+           "bundled": "the copy bundled with optimum-recon"}
+
+
+def resolve_documents(source: str, split: str = "train", text_column: str | None = None) -> tuple[list[str], str]:
+    """`load_documents`, and where the documents came from: one of `ORIGINS` (a model card says which copy of a
+    known dataset was measured: the bundled one is the same text, but only where it is the whole split)."""
     if os.path.exists(source):
-        return _read_local(source, text_column)
+        return _read_local(source, text_column), "local"
     if source in _KNOWN:
         if split not in _KNOWN[source]:
             raise DataSourceError(f"{source!r} has no split {split!r}; splits: {', '.join(_KNOWN[source])}.")
         hub_kwargs, column, local_glob, bundled = _KNOWN[source][split]
         docs = _from_data_dir(local_glob, column)
         if docs is not None:
-            return docs
+            return docs, "data_dir"
         try:
-            return _from_hub(hub_kwargs, column, f"{source} ({split})")
+            return _from_hub(hub_kwargs, column, f"{source} ({split})"), "hub"
         except DataSourceError:
             if bundled is None:
                 raise
@@ -206,25 +217,36 @@ def load_documents(source: str, split: str = "train", text_column: str | None = 
                 f"({bundled}). Set {DATA_DIR_ENV} or pass a local file to choose the data explicitly.",
                 stacklevel=2,
             )
-            return _read_local(str(BUNDLED_DIR / bundled), column)
+            return _read_local(str(BUNDLED_DIR / bundled), column), "bundled"
     check_source(source)
-    return _from_hub(dict(path=source, split=split), text_column, source)
+    return _from_hub(dict(path=source, split=split), text_column, source), "hub"
 
 
 def load_eval_text(name: str, text_column: str | None = None) -> str:
-    """The single evaluation string for perplexity, following the protocol of SparseGPT/Wanda/the paper.
+    """The single evaluation string for perplexity (see `eval_text`)."""
+    return eval_text(name, text_column)[0]
+
+
+def eval_text(name: str, text_column: str | None = None) -> tuple[str, dict[str, str | None]]:
+    """The single evaluation string for perplexity, following the protocol of SparseGPT/Wanda/the paper, and how
+    it was read (``split``, ``origin``, ``selection``: what of the split was joined).
 
     wikitext2: ``"\\n\\n".join`` of the test rows; ptb: the test sentences joined with spaces; c4: the first
     1,100 validation documents joined with spaces; a local file or Hub dataset: its rows joined with "\\n\\n".
     """
     if name == "wikitext2":
-        return "\n\n".join(load_documents("wikitext2", "test"))
+        docs, origin = resolve_documents("wikitext2", "test")
+        return "\n\n".join(docs), {"split": "test", "origin": origin, "selection": "all rows"}
     if name == "ptb":
-        return " ".join(load_documents("ptb", "test"))
+        docs, origin = resolve_documents("ptb", "test")
+        return " ".join(docs), {"split": "test", "origin": origin, "selection": "all sentences"}
     if name == "c4":
-        return " ".join(load_documents("c4", "validation")[:1100])
+        docs, origin = resolve_documents("c4", "validation")
+        return " ".join(docs[:1100]), {"split": "validation", "origin": origin,
+                                       "selection": "the first 1,100 documents of shard 0"}
     if os.path.isfile(name) and Path(name).suffix.lower() in (".txt", ".raw"):
         with open(name, encoding="utf-8") as fh:
-            return fh.read()
+            return fh.read(), {"split": None, "origin": "local", "selection": "the whole file"}
     split = "test" if not os.path.exists(name) else "train"
-    return "\n\n".join(load_documents(name, split, text_column))
+    docs, origin = resolve_documents(name, split, text_column)
+    return "\n\n".join(docs), {"split": split, "origin": origin, "selection": "all rows"}

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as dist
-from ..data.sources import load_eval_text
+from ..data.sources import eval_text
 from ..modeling.offload import input_device
 
 DEFAULT_EVAL_SEQ_LEN = 2048
@@ -29,6 +29,15 @@ class PerplexityResult:
     num_tokens: int
     seq_len: int
     seconds: float
+    total_tokens: int | None = None  # tokens of the whole evaluation text (num_tokens: those measured)
+    split: str | None = None
+    origin: str | None = None  # where the text was read (data.sources.ORIGINS); None: text given
+    selection: str | None = None  # what of the split the text is (e.g. "the first 1,100 documents of shard 0")
+
+    def protocol(self) -> dict[str, object]:
+        """How this number was measured, as the report and the model card record it."""
+        return {"tokens": self.num_tokens, "total_tokens": self.total_tokens, "seq_len": self.seq_len,
+                "split": self.split, "origin": self.origin, "selection": self.selection}
 
 
 def model_context(model: nn.Module) -> int | None:
@@ -97,10 +106,12 @@ def evaluate_perplexity(
         seq_len = min(context or DEFAULT_EVAL_SEQ_LEN, DEFAULT_EVAL_SEQ_LEN)
     elif context is not None and seq_len > context:
         raise ValueError(f"seq_len={seq_len} exceeds the model's context of {context} tokens.")
+    where: dict = {}
     if text is None:
-        text = load_eval_text(dataset)
+        text, where = eval_text(dataset)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    total = ids.numel()
     if max_tokens is not None:
         ids = ids[: max(max_tokens, seq_len)]
     ppl, used = perplexity_of_ids(model, ids, seq_len, batch_size, progress, desc=f"Perplexity {dataset}")
-    return PerplexityResult(dataset, ppl, used, seq_len, time.perf_counter() - start)
+    return PerplexityResult(dataset, ppl, used, seq_len, time.perf_counter() - start, total_tokens=total, **where)
