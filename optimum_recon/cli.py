@@ -114,6 +114,13 @@ def add_subcommands(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                        help="Also upload the saved model to this Hub repository (created if needed).")
     prune.add_argument("--private", action="store_true", help="With --push-to-hub: create the repository private.")
+    prune.add_argument("--base-model", default=None, metavar="HUB_ID", help="The Hub model a local --model folder is "
+                       "a copy of, for the model card's base_model (a Hub --model is used as it is).")
+    prune.add_argument("--license", default=None, help="The card's licence (default: the base model's, when its card "
+                       "says).")
+    prune.add_argument("--dataset-tag", action="append", default=None, metavar="HUB_DATASET_ID",
+                       help="A Hub dataset to list in the card's metadata (repeatable; default: the calibration "
+                       "dataset when it is on the Hub).")
     prune.add_argument("--device", default=None, help="Where blocks run (default: GPU if available, else CPU).")
     prune.add_argument("--activation-offload", choices=("cpu", "disk"), default="cpu",
                        help="Keep activations between blocks in CPU memory or in files (--activation-folder).")
@@ -207,6 +214,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
             else:
                 calibration[name] = base["calibration"][name]
     values.pop("calibration", None)
+    if getattr(args, "recipe", None) and "calibration" not in explicit:
+        _check_recipe_data(args.recipe, calibration["source"])
     config = PruningConfig(**values, calibration=CalibrationConfig(**calibration))
     if config.reconstruction == "layer" or config.epochs == 0:
         given = sorted(explicit & {"lr", "guard", "no-guard", "patience", "loss"})
@@ -216,6 +225,26 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
     return config
 
 
+def _check_recipe_data(recipe: str, source: str) -> None:
+    """A recipe names its local calibration file by its base name (never the path it had on the machine that made
+    it): when that file is not here, say what it was and how to give it."""
+    from .data.sources import looks_local
+    from .report import REPORT_NAME
+
+    external = source.partition("+self:")[0]
+    if not looks_local(external) or os.path.exists(external):
+        return
+    record: dict[str, Any] = {}
+    report = os.path.join(recipe, REPORT_NAME)
+    if os.path.isfile(report):
+        with contextlib.suppress(OSError, ValueError):
+            with open(report, encoding="utf-8") as fh:
+                record = (json.load(fh).get("provenance") or {}).get("calibration") or {}
+    digest = f" (sha256 {record['sha256'][:16]}…)" if record.get("sha256") else ""
+    raise ValueError(f"the recipe {recipe!r} was calibrated on a local file, {external!r}{digest}, which is not here: "
+                     f"pass --calibration PATH (that file, or other data) to use the recipe.")
+
+
 def _load(args: argparse.Namespace, config: PruningConfig | None = None):
     from .pruner import ReconPruner
 
@@ -223,7 +252,9 @@ def _load(args: argparse.Namespace, config: PruningConfig | None = None):
                               "allow_missing_weights": args.allow_missing_weights}
     if args.trust_remote_code:
         kwargs["trust_remote_code"] = True
-    return ReconPruner.from_pretrained(args.model, config, blocks_path=getattr(args, "blocks_path", None), **kwargs)
+    # eval and generate-calibration prune nothing: they never read (or download) calibration data
+    return ReconPruner.from_pretrained(args.model, config, blocks_path=getattr(args, "blocks_path", None),
+                                       read_calibration=config is not None, **kwargs)
 
 
 def _eval_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -283,15 +314,19 @@ def run_prune(args: argparse.Namespace) -> int:
     saved = None
     if args.output:
         saved = pruner.save_pretrained(args.output, overwrite=args.overwrite, save_dtype=args.save_dtype,
-                                       sparse_format=args.sparse_format)
+                                       sparse_format=args.sparse_format, **_card_metadata(args))
         print(f"saved to {saved}")
     if args.push_to_hub:
         commit = pruner.push_to_hub(args.push_to_hub, private=args.private or None, save_dtype=args.save_dtype,
-                                    sparse_format=args.sparse_format)
+                                    sparse_format=args.sparse_format, **_card_metadata(args))
         print(f"pushed to {args.push_to_hub}: {getattr(commit, 'commit_url', commit)}")
     if args.checkpoint_dir:
         _finish_checkpoint(args.checkpoint_dir, keep=args.keep_checkpoint or not (saved or args.push_to_hub))
     return 0
+
+
+def _card_metadata(args: argparse.Namespace) -> dict[str, Any]:
+    return {"base_model_id": args.base_model, "license": args.license, "datasets": args.dataset_tag}
 
 
 def _finish_checkpoint(folder: str, keep: bool) -> None:

@@ -117,7 +117,7 @@ class ReconPruner:
             raise TypeError(f"model_id_or_path must be a Hub model id, a local folder or a transformers model, not "
                             f"{type(model_id_or_path).__name__}.")
         dtype = parse_dtype(dtype)
-        if config.calibration.external_source is not None:  # fail before the (possibly long) model load
+        if read_calibration and config.calibration.external_source is not None:  # fail before the model load
             check_source(config.calibration.external_source)
         path = resolve_model_path(None if model_id_or_path is None else str(model_id_or_path))
         check_model_exists(path, model_kwargs.get("trust_remote_code", False))
@@ -165,7 +165,7 @@ class ReconPruner:
                 raise ValueError("this model does not say where it was loaded from, so its tokenizer cannot be "
                                  "found: pass tokenizer= (the tokenizer object, or its Hub id or folder).")
             tokenizer = load_tokenizer(where, given.get("trust_remote_code", False))
-        if config.calibration.external_source is not None:
+        if read_calibration and config.calibration.external_source is not None:
             check_source(config.calibration.external_source)
         with recorded_warnings() as notes:
             windows = external_windows(tokenizer, config.calibration) if read_calibration else None

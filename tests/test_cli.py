@@ -117,3 +117,30 @@ def test_prune_with_owl_then_repeat_the_recipe(tiny_model_dir, text_file, tmp_pa
     assert repeated.allocation == {"model.layers.0": 0.4} and repeated.owl_lambda == 0.1 and repeated.sparsity == 0.6
     blocks = json.loads((again / "pruning_report.json").read_text())["blocks"]
     assert blocks[0]["sparsity"] == pytest.approx(0.4, abs=1e-3)
+
+
+def test_eval_never_reads_calibration_data(tiny_model_dir, text_file, capsys, monkeypatch):
+    import optimum_recon.pruner as pruner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("eval read calibration data")
+
+    monkeypatch.setattr(pruner, "external_windows", refuse)
+    assert main(["eval", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--eval-seq-len", "32",
+                 "--eval-max-tokens", "64", "--no-progress"]) == 0
+    assert "c4" not in capsys.readouterr().err  # no "C4 could not be loaded" warning
+
+
+def test_a_recipe_whose_local_data_is_not_here_says_what_it_was(tiny_model_dir, text_file, tmp_path, capsys,
+                                                                 monkeypatch):
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_model_dir), "--reconstruction", "layer", "--calibration",
+                 str(text_file), "--num-samples", "4", "--seq-len", "32", "--output", str(out), "--no-progress"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["prune", "--model", str(tiny_model_dir), "--recipe", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "calibrated on a local file, 'text.txt' (sha256 " in err and "--calibration PATH" in err
+    assert main(["prune", "--model", str(tiny_model_dir), "--recipe", str(out), "--calibration", str(text_file),
+                 "--output", str(tmp_path / "again"), "--no-progress"]) == 0

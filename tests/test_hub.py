@@ -6,6 +6,7 @@ sets) once, at import.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -123,6 +124,50 @@ sys.exit(main(sys.argv[1:]))
                        "--calibration", str(text_file), "--output", str(tmp_path / "again"), "--no-progress")
     assert again["returncode"] == 0
     assert '"method": "magnitude"' in (tmp_path / "again" / "pruning_config.json").read_text()
+
+
+def test_a_card_pushed_from_local_inputs_names_no_local_path(hub, tmp_path, tiny_model_dir, text_file):
+    """The issue's check, as a Hub visitor reads the repository: a prune of a local model folder with a local
+    calibration file, evaluated on a local file and on WikiText-2 (the bundled copy, offline), pushed by the CLI."""
+    code = """
+import sys
+from optimum_recon.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    out = tmp_path / "out"
+    result = run_client(hub, tmp_path, code, "prune", "--model", str(tiny_model_dir), "--method", "wanda",
+                        "--reconstruction", "block", "--epochs", "1", "--calibration", str(text_file),
+                        "--num-samples", "4", "--seq-len", "32", "--eval", f"{text_file},wikitext2",
+                        "--eval-seq-len", "32", "--eval-max-tokens", "256", "--output", str(out),
+                        "--push-to-hub", "me/local-inputs", "--base-model", "org/tiny-llama", "--license", "mit",
+                        "--dataset-tag", "me/my-data", "--no-progress")
+    assert result["returncode"] == 0, result["stderr"][-2000:]
+    repo = hub.state.repos["me/local-inputs"]
+    files = repo.commits[repo.branches["main"]]
+    assert {"README.md", "pruning_config.json", "pruning_report.json", "config.json"} <= set(files)
+    for name, stored in files.items():  # every uploaded file, weights included
+        for secret in (str(tmp_path), str(tiny_model_dir), str(text_file), os.path.expanduser("~")):
+            assert secret.encode() not in stored.data, (name, secret)
+    card = files["README.md"].data.decode()
+    assert 'from_pretrained("me/local-inputs")' in card and "REPO_OR_FOLDER" not in card
+    # the headline: dense -> pruned, the recovery, and how it was measured
+    headline = next(line for line in card.splitlines() if line.startswith("- **WikiText-2"))
+    assert "dense →" in headline and "recovery" in headline
+    assert "the first 256 of the" in headline and "WikiText-2 (raw) test split" in headline
+    assert "copy bundled with optimum-recon" in headline and "windows of 32 tokens" in headline
+    assert "`text.txt` (a local file)" in card and "sha256 `" in card
+    assert "--model org/tiny-llama" in card and "--calibration path/to/text.txt" in card
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard(card).data
+    assert (meta.base_model, meta.license, meta.datasets) == ("org/tiny-llama", "mit", ["me/my-data"])
+    assert [r.dataset_type for r in meta.eval_results] == ["wikitext"]  # the local file is not a Hub dataset
+    assert json.loads(files["pruning_config.json"].data)["calibration"]["source"] == "text.txt"
+    report = json.loads(files["pruning_report.json"].data)
+    assert report["provenance"]["model"] == {"name": tiny_model_dir.name, "local": True, "kind": "folder"}
+    assert report["provenance"]["calibration"]["sha256"] == hashlib.sha256(text_file.read_bytes()).hexdigest()
+    # the local folder keeps its placeholder card: the push only read it
+    assert "REPO_OR_FOLDER" in (out / "README.md").read_text()
 
 
 def test_server_error_mid_upload_is_clear_and_keeps_the_local_save(hub, tmp_path, tiny_model_dir, text_file):
