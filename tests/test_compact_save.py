@@ -210,6 +210,15 @@ def test_cli_saves_compact_and_decompresses(tmp_path, tiny_model_dir, text_file,
     assert "wrote the dense checkpoint" in capsys.readouterr().out
     assert not compact.is_compact(dense)
     _assert_bit_identical(_state(out)[1], _state(dense)[1])
+    # the dense copy's card and report say what it is: dense, decompressed, same provenance
+    card = (dense / "README.md").read_text()
+    assert "import optimum_recon" not in card and "optimum-recon's compact sparse format" not in card
+    assert "written by `optimum-recon decompress`" in card and "no extra package is needed" in card
+    assert "`text.txt`" in card and "in bfloat16 as ordinary safetensors" in card
+    report = json.loads((dense / "pruning_report.json").read_text())
+    assert report["saved"]["sparse_format"] is None and report["saved"]["decompressed_from"]["sparse_format"] == \
+        "bitmask"
+    assert report["provenance"] == json.loads((out / "pruning_report.json").read_text())["provenance"]
     with safe_open(dense / "model.safetensors", "pt") as reader:
         assert not any(k.endswith(MASK_SUFFIX) for k in reader.keys())
     with pytest.raises(ValueError, match="not a compact sparse checkpoint"):

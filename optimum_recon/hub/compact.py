@@ -165,4 +165,21 @@ def decompress_folder(folder: str | os.PathLike, output: str | os.PathLike, *, o
 
         _write_shards(folder, tmp, convert)
         _edit_config(tmp, lambda config: config.pop("quantization_config", None))
+        if (tmp / "pruning_report.json").is_file() and (tmp / "pruning_config.json").is_file():
+            _describe_as_dense(tmp)
     return Path(output).expanduser().resolve()
+
+
+def _describe_as_dense(folder: Path) -> None:
+    """The report and card of a decompressed copy: the same provenance and numbers, stored dense (the card no
+    longer says that loading needs optimum-recon), and that it was decompressed."""
+    from ..report import REPORT_NAME, PruningReport
+    from .save import card_of_folder
+
+    report = PruningReport.load(folder / REPORT_NAME)
+    compact = dict(report.saved)
+    report.saved = {"dtype": compact.get("dtype"), "sparse_format": None,
+                    "decompressed_from": {k: compact[k] for k in ("sparse_format", "compressed", "compressed_dense",
+                                                                   "compressed_tensors") if k in compact}}
+    report.save(folder / REPORT_NAME)
+    card_of_folder(folder).save(folder / "README.md")
