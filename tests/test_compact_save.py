@@ -184,9 +184,24 @@ def _load_in_fresh_python(folder, first_line: str = "") -> subprocess.CompletedP
 def test_without_optimum_recon_imported_loading_fails_and_names_it(tmp_path):
     _pruned().save_pretrained(tmp_path / "c", sparse_format="bitmask")
     plain = _load_in_fresh_python(tmp_path / "c")
-    assert plain.returncode != 0 and "optimum_recon" in plain.stderr
+    assert plain.returncode != 0
+    # the first thing the user reads (transformers' line naming the unknown method) says what to do
+    first = plain.stderr.strip().splitlines()[0]
+    assert "Unknown quantization type, got optimum-recon (pip install optimum-recon, then import optimum_recon)" in \
+        first
     imported = _load_in_fresh_python(tmp_path / "c", "import optimum_recon")
     assert imported.returncode == 0, imported.stderr[-2000:]
+
+
+def test_a_checkpoint_with_the_first_method_name_still_loads(tmp_path):
+    pruner = _pruned()
+    pruner.save_pretrained(tmp_path / "c", sparse_format="bitmask")
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "optimum_recon"  # as written before the name was an instruction
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config))
+    assert compact.is_compact(tmp_path / "c")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "c").state_dict()
+    assert all(torch.equal(tensor, reloaded[name]) for name, tensor in pruner.model.state_dict().items())
 
 
 def test_importing_the_quantizer_module_first_registers_it(tmp_path):

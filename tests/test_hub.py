@@ -16,6 +16,8 @@ import textwrap
 import pytest
 from hub_server import HubServer
 
+from optimum_recon.hub.sparse_format import QUANT_METHOD
+
 
 @pytest.fixture(scope="module")
 def hub():
@@ -102,7 +104,7 @@ print(json.dumps({"identical": identical, "card": ModelCard.load(repo).text, "de
 """
     result = run_client(hub, tmp_path, code, str(tiny_model_dir), str(text_file), str(tmp_path / "out"), "me/compact")
     assert result["identical"] and result["dense_identical"] and result["dense_kept"] and result["decompress"] == 0
-    assert result["config"]["quantization_config"]["quant_method"] == "optimum_recon"
+    assert result["config"]["quantization_config"]["quant_method"] == QUANT_METHOD
     assert result["config"]["quantization_config"]["pattern"] == "2:4"
     assert "import optimum_recon" in result["card"] and "compact sparse format" in result["card"]
 

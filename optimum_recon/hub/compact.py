@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..modeling.loading import FLOAT_DTYPES, name_of_dtype
-from .sparse_format import MASK_SUFFIX, META_SUFFIX, decode_stored, encode, worth_compressing
+from .sparse_format import MASK_SUFFIX, META_SUFFIX, QUANT_METHODS, decode_stored, encode, worth_compressing
 
 SPARSE_FORMATS = ("bitmask",)
 _INDEX = "model.safetensors.index.json"
@@ -137,7 +137,7 @@ def is_compact(folder: str | os.PathLike) -> bool:
     if not path.is_file():
         return False
     quant = json.loads(path.read_text()).get("quantization_config") or {}
-    return quant.get("quant_method") == "optimum_recon"
+    return quant.get("quant_method") in QUANT_METHODS
 
 
 def decompress_folder(folder: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -1,7 +1,7 @@
 """Loading compact sparse checkpoints with a plain ``AutoModelForCausalLM.from_pretrained(folder)``.
 
 transformers' extension point for checkpoint formats is its quantizer registry: a checkpoint whose config.json holds
-``quantization_config = {"quant_method": "optimum_recon", ...}`` is loaded by the quantizer registered under that
+``quantization_config = {"quant_method": QUANT_METHOD, ...}`` is loaded by the quantizer registered under that
 name. Ours registers when `optimum_recon` is imported. It declares the tensors a compact weight is saved as
 (`sparse_format.py`), and one load operation that hands the loader each weight decoded into the dense weight: decoded
 ahead of the loader, two at a time, from the time the model skeleton is built (`decode_ahead.py`), so that loading
@@ -9,9 +9,11 @@ holds at most three decoded weights beyond those the model has taken. After load
 quantization config is removed (``dequantize=True``): the model in memory is an ordinary dense model with zeros, and
 its own `save_pretrained` writes a dense checkpoint.
 
-Without optimum-recon imported, transformers does not know the method, warns "Unknown quantization type, got
-optimum_recon" and, because the compact tensors do not have the dense weights' shapes, stops with a size mismatch
-for the first compressed weight: an error, never a model with random weights.
+Without optimum-recon imported, transformers does not know the method and, because the compact tensors do not have
+the dense weights' shapes, stops with a size mismatch: an error, never a model with random weights. The only words of
+ours it prints are the method's name, in its first line ("Unknown quantization type, got <name> - supported types
+are: ..."), before a report of every mismatched weight; so the name is the instruction: ``optimum-recon (pip install
+optimum-recon, then import optimum_recon)``. Checkpoints written before it was (``optimum_recon``) still load.
 """
 
 from __future__ import annotations
@@ -22,9 +24,15 @@ import torch
 
 from .decode_ahead import DecodeAhead
 from .packed import PackedLinear, is_packed_loading, keep_packed, pack_linear_layers
-from .sparse_format import FORMAT_VERSION, MASK_SUFFIX, META_SUFFIX, SparseFormatError, decode_stored
-
-QUANT_METHOD = "optimum_recon"
+from .sparse_format import (
+    FORMAT_VERSION,
+    MASK_SUFFIX,
+    META_SUFFIX,
+    QUANT_METHOD,
+    QUANT_METHODS,
+    SparseFormatError,
+    decode_stored,
+)
 
 
 def _bases():
@@ -166,9 +174,10 @@ def register() -> bool:
     """Register the config and the quantizer with transformers (once; importing optimum_recon does it)."""
     from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
 
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantization_config(QUANT_METHOD)(SparseCheckpointConfig)
-        register_quantizer(QUANT_METHOD)(SparseCheckpointQuantizer)
+    for name in QUANT_METHODS:
+        if name not in AUTO_QUANTIZER_MAPPING:
+            register_quantization_config(name)(SparseCheckpointConfig)
+            register_quantizer(name)(SparseCheckpointQuantizer)
     return True
 
 

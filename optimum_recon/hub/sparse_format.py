@@ -37,6 +37,10 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 1
+# config.json's quantization_config.quant_method of a compact checkpoint (see `quantizer.py` for why it reads as an
+# instruction), and what this version reads: today's name, and the first one
+QUANT_METHOD = "optimum-recon (pip install optimum-recon, then import optimum_recon)"
+QUANT_METHODS = (QUANT_METHOD, "optimum_recon")
 MASK_SUFFIX = "_sparse_mask"
 META_SUFFIX = "_sparse_meta"
 BITMASK, NM = 0, 1
