@@ -151,3 +151,60 @@ def test_a_failed_prune_is_not_saved(tiny_model_dir, text_file, tmp_path, monkey
     with pytest.raises(RuntimeError, match="half pruned"):
         pruner.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# --- models already in memory, and calibration sets of the user's own ---------------------------------------
+def _quick(**overrides):
+    return PruningConfig(method="wanda", reconstruction="block", epochs=1, allocation="uniform",
+                         calibration=CalibrationConfig(num_samples=4, seq_len=16, self_generate="off", **overrides))
+
+
+def test_a_model_object_is_pruned_in_place(tiny_model_dir, tiny_tokenizer, text_file, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = _quick(source=str(text_file))
+    pruner = ReconPruner.from_pretrained(model, config, tokenizer=tiny_tokenizer)
+    assert pruner.model is model and pruner.source_folder == str(tiny_model_dir)  # its folder is protected
+    pruner.prune(progress=False)
+    assert model.model.layers[0].mlp.up_proj.weight.eq(0).float().mean() == pytest.approx(0.5)
+    card = (pruner.save_pretrained(tmp_path / "out") / "README.md").read_text()
+    assert f"# {tiny_model_dir.name} pruned" in card and str(tmp_path) not in card
+    # without tokenizer=, the one of the folder the model came from
+    again = ReconPruner.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+    assert again.tokenizer.get_vocab() == tiny_tokenizer.get_vocab()
+
+
+def test_a_model_object_with_loading_arguments_or_no_origin_is_a_clear_error(tiny_model_dir):
+    from conftest import make_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="device_map applies to loading a model, and this one is already loaded"):
+        ReconPruner.from_pretrained(model, device_map="auto", read_calibration=False)
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        ReconPruner.from_pretrained(make_tiny_model("llama"), read_calibration=False)
+    with pytest.raises(TypeError, match="not a transformers causal LM"):
+        ReconPruner.from_pretrained(torch.nn.Linear(2, 2), read_calibration=False)
+    with pytest.raises(TypeError, match="a Hub model id, a local folder or a transformers model, not dict"):
+        ReconPruner.from_pretrained({"model": 1})
+    model.peft_config = {}  # what a peft model carries
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        ReconPruner.from_pretrained(model, read_calibration=False)
+
+
+def test_prune_takes_a_calibration_set_or_heldout_ids(tiny_model_dir):
+    from optimum_recon import CalibrationSet
+
+    torch.manual_seed(0)
+    ids, held = torch.randint(0, 128, (4, 16)), torch.randint(0, 128, (2, 16))
+    guarded = ReconPruner.from_pretrained(str(tiny_model_dir), _quick(), read_calibration=False)
+    report = guarded.prune(ids, heldout=held, progress=False)
+    assert all(b.heldout_error is not None for b in report.blocks) and report.calibration["heldout"] == 2
+    as_set = ReconPruner.from_pretrained(str(tiny_model_dir), _quick(), read_calibration=False)
+    assert as_set.prune(CalibrationSet(ids, held), progress=False).calibration["heldout"] == 2
+    # the same windows give the same model
+    for a, b in zip(guarded.model.parameters(), as_set.model.parameters()):
+        assert torch.equal(a, b)
+    third = ReconPruner.from_pretrained(str(tiny_model_dir), _quick(), read_calibration=False)
+    with pytest.raises(ValueError, match="do not match the calibration windows' 16"):
+        third.prune(ids, heldout=held[:, :8], progress=False)
+    with pytest.raises(ValueError, match="carries its own held-out windows"):
+        third.prune(CalibrationSet(ids), heldout=held, progress=False)
