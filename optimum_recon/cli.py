@@ -18,54 +18,13 @@ from dataclasses import fields
 from typing import Any
 
 from .calibration_config import CalibrationConfig
+from .cli_help import spelled
 from .cli_messages import configure_logging, error_line, one_line_warnings, user_errors
-from .configuration import PruningConfig, field_default, field_help
+from .configuration import PruningConfig
 from .recipe import RECIPE_FLAGS as _RECIPE_FLAGS
 from .recipe import recipe_command  # noqa: F401 - part of this module's interface
 
 logger = logging.getLogger(__name__)
-
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="Hub model id or local folder (default: the bundled SmolLM2-135M-Instruct).")
-    parser.add_argument("--dtype", default=None, help="Load dtype: float32, bfloat16, float16 or auto "
-                        "(default: float32 on CPU, the checkpoint's dtype on GPU).")
-    parser.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. auto).")
-    parser.add_argument("--trust-remote-code", action="store_true", help="Allow custom modeling code from the Hub.")
-    parser.add_argument("--allow-missing-weights", action="store_true", help="Load a checkpoint even when weights of "
-                        "the model are missing from it or it holds weights the model does not have (by default an "
-                        "error: the model would be partly random).")
-    parser.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Log each block's error; show tracebacks.")
-
-
-def _add_eval_flags(parser: argparse.ArgumentParser, flag: str, default: str | None, help_text: str) -> None:
-    parser.add_argument(flag, default=default, help=help_text)
-    parser.add_argument("--eval-seq-len", type=int, default=None,
-                        help="Perplexity window length (default: min(model context, 2048)).")
-    parser.add_argument("--eval-max-tokens", type=int, default=None,
-                        help="Evaluate only the first N tokens of each dataset (bounds the cost).")
-    parser.add_argument("--eval-batch-size", type=int, default=1, help="Windows per evaluation forward pass.")
-
-
-def _add_task_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", default=None, help="Comma-separated lm-eval tasks for zero-shot accuracy, e.g. "
-                        "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa ('paper' for these seven); "
-                        "needs optimum-recon[eval].")
-    parser.add_argument("--limit", type=float, default=None, help="Documents per task (quick; not comparable to "
-                        "published numbers). Below 1: a fraction of each task.")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="Few-shot examples (default: the task's own).")
-    parser.add_argument("--include-path", default=None, help="Folder of extra lm-eval task YAMLs (local tasks).")
-    parser.add_argument("--task-batch-size", type=int, default=1, help="Requests per forward pass in lm-eval.")
-
-
-def _add_latency_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--latency-prompt-tokens", type=int, default=128, help="Prompt length for the speed test.")
-    parser.add_argument("--latency-new-tokens", type=int, default=64, help="Tokens generated per speed-test run.")
-    parser.add_argument("--latency-batch-size", type=int, default=1, help="Prompts per generate call.")
-    parser.add_argument("--latency-warmup", type=int, default=1, help="Untimed runs before measuring.")
-    parser.add_argument("--latency-repeats", type=int, default=3, help="Timed runs (the median is reported).")
-
 
 def _latency_kwargs(args: argparse.Namespace) -> dict[str, int]:
     return dict(prompt_tokens=args.latency_prompt_tokens, new_tokens=args.latency_new_tokens,
@@ -81,121 +40,16 @@ def _datasets(value: str | None) -> list[str]:
 
 
 def add_subcommands(parser: argparse.ArgumentParser) -> None:
-    """Add the `prune` and `eval` subcommands to ``parser`` (shared by optimum-recon and optimum-cli recon)."""
-    sub = parser.add_subparsers(dest="recon_command", metavar="{prune,eval,compare,generate-calibration,decompress}")
-    prune = sub.add_parser("prune", help="Prune a model block by block and save it.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_flags(prune)
-    for flag, (cls, name, kind) in _RECIPE_FLAGS.items():
-        kwargs: dict[str, Any] = {"help": field_help(cls, name).replace("%", "%%"), "default": field_default(cls, name)}
-        if kind == "list":
-            kwargs.update(nargs="+")
-        elif kind == "pair":
-            kwargs.update(nargs=2, type=float)
-        elif kind == "flag":
-            kwargs.update(action=argparse.BooleanOptionalAction)
-        else:
-            kwargs["type"] = kind
-        prune.add_argument(f"--{flag}", dest=name if cls is PruningConfig else f"calibration_{name}", **kwargs)
-    prune.add_argument("--recipe", default=None, help="Start from the pruning_config.json of a folder or Hub repo; "
-                       "flags given explicitly override it.")
-    prune.add_argument("--output", default=None, help="Folder to save the pruned model into: a new or empty folder, "
-                       "or one optimum-recon saved a model into (checked before the model is loaded).")
-    prune.add_argument("--overwrite", action="store_true", help="Replace an --output folder that holds other files "
-                       "(never the model's own folder or one containing it).")
-    prune.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                       help="dtype of the saved weights (default: the dtype of the checkpoint the model was loaded "
-                       "from, whatever dtype pruning ran in).")
-    prune.add_argument("--sparse-format", choices=("bitmask",), default=None,
-                       help="Save each pruned weight compact: its kept values plus a packed mask (N:M: which N of "
-                       "every M), about 0.56 of its dense bytes at 50%%. Loads with AutoModelForCausalLM once "
-                       "optimum_recon is imported; `optimum-recon decompress` writes a dense copy. Default: dense "
-                       "tensors with zeros, which every tool reads.")
-    prune.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
-                       help="Also upload the saved model to this Hub repository (created if needed).")
-    prune.add_argument("--private", action="store_true", help="With --push-to-hub: create the repository private.")
-    prune.add_argument("--base-model", default=None, metavar="HUB_ID", help="The Hub model a local --model folder is "
-                       "a copy of, for the model card's base_model (a Hub --model is used as it is).")
-    prune.add_argument("--license", default=None, help="The card's licence (default: the base model's, when its card "
-                       "says).")
-    prune.add_argument("--dataset-tag", action="append", default=None, metavar="HUB_DATASET_ID",
-                       help="A Hub dataset to list in the card's metadata (repeatable; default: the calibration "
-                       "dataset when it is on the Hub).")
-    prune.add_argument("--device", default=None, help="Where blocks run (default: GPU if available, else CPU).")
-    prune.add_argument("--activation-offload", choices=("cpu", "disk"), default="cpu",
-                       help="Keep activations between blocks in CPU memory or in files (--activation-folder).")
-    prune.add_argument("--activation-folder", default=None, help="Scratch folder for --activation-offload disk.")
-    prune.add_argument("--checkpoint-dir", default=None, help="Save progress after every block; run the same command "
-                       "again after an interruption to continue from the last finished block (CR included). Deleted "
-                       "once the model is saved, unless --keep-checkpoint.")
-    prune.add_argument("--keep-checkpoint", action="store_true", help="Keep the --checkpoint-dir after the model is "
-                       "saved.")
-    prune.add_argument("--blocks-path", default=None, help="Attribute path of the decoder blocks, e.g. model.layers.")
-    _add_eval_flags(prune, "--eval", None, "Comma-separated datasets to evaluate before and after pruning "
-                    "(wikitext2, c4, ptb, a local file or a Hub id).")
-    prune.set_defaults(recon_handler=run_prune)
+    """Add every subcommand (`cli_parsers.py`) to ``parser`` (shared by optimum-recon and optimum-cli recon)."""
+    from .cli_parsers import add_subcommands as add
 
-    evaluate = sub.add_parser("eval", help="Perplexity, zero-shot accuracy (lm-eval) and speed of a (pruned) model.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_flags(evaluate)
-    _add_eval_flags(evaluate, "--dataset", None, "Comma-separated perplexity datasets (wikitext2, c4, ptb, a local "
-                    "file or a Hub id); 'none' for none. Default: wikitext2, unless --tasks or --latency is given.")
-    _add_task_flags(evaluate)
-    evaluate.add_argument("--latency", action="store_true", help="Also measure prefill and decode tokens/s.")
-    _add_latency_flags(evaluate)
-    evaluate.add_argument("--json", default=None, help="Also write the results to this JSON file (a new file, or one "
-                          "an earlier eval wrote, unless --overwrite).")
-    evaluate.add_argument("--overwrite", action="store_true", help="Let --json replace any existing file.")
-    evaluate.add_argument("--update-card", action="store_true", help="Record the results in the model folder's "
-                          "pruning_report.json and model card (a folder saved by optimum-recon).")
-    evaluate.set_defaults(recon_handler=run_eval)
-
-    compare = sub.add_parser("compare", help="Evaluate a dense model and pruned versions side by side.",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    compare.add_argument("models", nargs="+", help="Hub ids or local folders, e.g. the dense model first, then "
-                         "pruned versions; 'bundled' is the bundled SmolLM2-135M-Instruct.")
-    compare.add_argument("--names", nargs="+", default=None, help="Labels for the table (default: folder names).")
-    _add_eval_flags(compare, "--datasets", "wikitext2", "Comma-separated perplexity datasets; 'none' for none.")
-    _add_task_flags(compare)
-    compare.add_argument("--no-latency", action="store_true", help="Skip the prefill/decode speed measurement.")
-    _add_latency_flags(compare)
-    compare.add_argument("--output", default="comparison", help="Folder for comparison.json, comparison.md and "
-                         "the PNG plots: new, empty, or an earlier comparison.")
-    compare.add_argument("--overwrite", action="store_true", help="Replace an --output folder that holds other files.")
-    compare.add_argument("--dtype", default=None, help="Load dtype (default: float32 on CPU, the checkpoint's on GPU).")
-    compare.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. auto).")
-    compare.add_argument("--no-progress", action="store_true", help="Hide progress bars.")
-    compare.add_argument("-v", "--verbose", action="store_true", help="More logging.")
-    compare.set_defaults(recon_handler=run_compare)
-
-    generate = sub.add_parser("generate-calibration", help="Sample calibration text from the dense model itself.",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_model_flags(generate)
-    generate.add_argument("--num-samples", type=int, default=128, help="Sequences to generate.")
-    generate.add_argument("--seq-len", type=int, default=field_default(CalibrationConfig, "seq_len"),
-                          help="Tokens per sequence.")
-    generate.add_argument("--seed", type=int, default=0, help="Seed: the same seed and settings give the same tokens.")
-    for name in ("self_temperature", "self_top_k", "self_top_p", "self_on_eos", "self_batch_size"):
-        kind = type(field_default(CalibrationConfig, name))
-        generate.add_argument(f"--{name[5:].replace('_', '-')}", dest=name, type=kind,
-                              default=field_default(CalibrationConfig, name), help=field_help(CalibrationConfig, name))
-    generate.add_argument("--prompts", nargs="+", default=None, help=field_help(CalibrationConfig, "self_prompts"))
-    generate.add_argument("--output", default=None, help="Also save the dataset (input_ids, text) to this folder "
-                          "(new, empty, or one it wrote before).")
-    generate.add_argument("--overwrite", action="store_true", help="Replace an --output folder that holds other files.")
-    generate.set_defaults(recon_handler=run_generate)
-
-    decompress = sub.add_parser("decompress", help="Write a compact sparse checkpoint (--sparse-format bitmask) as "
-                                "a plain dense one, for tools that read only dense safetensors.")
-    decompress.add_argument("folder", help="The compact folder (a local folder or a Hub repo id).")
-    decompress.add_argument("output", help="A new or empty folder for the dense copy.")
-    decompress.add_argument("--overwrite", action="store_true", help="Replace an output folder that holds other "
-                            "files (never the input folder).")
-    decompress.set_defaults(recon_handler=run_decompress)
+    add(parser, {"prune": run_prune, "eval": run_eval, "compare": run_compare, "generate-calibration": run_generate,
+                 "decompress": run_decompress, "env": run_env})
 
 
 def _explicit_flags(argv: list[str]) -> set[str]:
-    return {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    """The long flags given on the command line, as the parser spells them (``--num_samples`` is ``num-samples``)."""
+    return {spelled(a[2:].split("=")[0]) for a in argv if a.startswith("--")}
 
 
 def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> PruningConfig:
@@ -456,6 +310,13 @@ def run_decompress(args: argparse.Namespace) -> int:
         folder = snapshot_download(resolve_model_path(folder))
     out = decompress_folder(folder, args.output, overwrite=args.overwrite)
     print(f"wrote the dense checkpoint to {out}")
+    return 0
+
+
+def run_env(args: argparse.Namespace) -> int:
+    from .environment import environment_report
+
+    print(environment_report())
     return 0
 
 

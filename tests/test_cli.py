@@ -144,3 +144,44 @@ def test_a_recipe_whose_local_data_is_not_here_says_what_it_was(tiny_model_dir, 
     assert "calibrated on a local file, 'text.txt' (sha256 " in err and "--calibration PATH" in err
     assert main(["prune", "--model", str(tiny_model_dir), "--recipe", str(out), "--calibration", str(text_file),
                  "--output", str(tmp_path / "again"), "--no-progress"]) == 0
+
+
+def test_help_is_grouped_shows_choices_and_says_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    text = capsys.readouterr().out
+    titles = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert titles == ["options", "model", "what to prune", "reconstruction", "calibration data", "evaluation",
+                      "output and Hub", "runtime", "examples"]
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
+    assert "--method {magnitude,sparsegpt,wanda,alps}" in text and "--loss {mse,relative}" in text
+    assert "CALIBRATION_" not in text and "--num_samples" not in text  # the aliases are hidden
+    assert "(default: 128)" in text and "--seed N " in text
+    assert text.count("(default: ") == len([line for line in text.splitlines() if "(default: " in line])
+    usage = text.split("\n\n")[0]
+    assert len(usage.splitlines()) <= 3  # not a 40-line list of every flag
+
+
+def test_underscore_spellings_of_the_flags_are_accepted(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(tiny_model_dir), "--reconstruction", "block", "--epochs", "1",
+                 "--calibration", str(text_file), "--num_samples", "4", "--seq_len", "16", "--no_guard",
+                 "--heldout_samples=0", "--self_generate", "off", "--no_progress", "--output", str(out)]) == 0
+    config = PruningConfig.from_pretrained(out)
+    assert (config.calibration.num_samples, config.calibration.seq_len, config.guard) == (4, 16, False)
+    # the recipe's explicit flags are told apart in either spelling
+    again = tmp_path / "again"
+    assert main(["prune", "--model", str(tiny_model_dir), "--recipe", str(out), "--calibration", str(text_file),
+                 "--seq_len", "8", "--no-progress", "--output", str(again)]) == 0
+    assert PruningConfig.from_pretrained(again).calibration.seq_len == 8
+
+
+def test_env_prints_what_a_bug_report_needs(capsys):
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    for name in ("optimum-recon", "Python", "torch", "transformers", "accelerate", "huggingface_hub", "GPU"):
+        assert f"- {name}: " in text or f"- {name} 0: " in text
+    import torch
+    import transformers
+
+    assert f"- transformers: {transformers.__version__}" in text and torch.__version__ in text
