@@ -126,6 +126,38 @@ def _check_eval_data(datasets: list[str]) -> None:
             load_eval_text(name)
 
 
+def run_dry_run(args: argparse.Namespace) -> int:
+    """`prune --dry-run`: the checks of a real run, then the plan and its cost from the model's config alone."""
+    from .data.default_model import DEFAULT_MODEL_NAME
+    from .dry_run import describe, plan_prune_cost
+    from .folders import OutputFolderError, check_output_dir
+    from .modeling.loading import check_model_exists, resolve_model_path
+
+    config = config_from_args(args)
+    path = resolve_model_path(args.model)
+    check_model_exists(path, args.trust_remote_code)
+    plan = plan_prune_cost(path, args.model or DEFAULT_MODEL_NAME, config, dtype=args.dtype,
+                           blocks_path=args.blocks_path, device=args.device, trust_remote_code=args.trust_remote_code)
+    refused = None
+    if args.output:
+        try:
+            check_output_dir(args.output, kind="model", overwrite=args.overwrite, what="--output",
+                             protect=[path if os.path.isdir(path) else None, ("--checkpoint-dir", args.checkpoint_dir)])
+            exists = os.path.isdir(args.output) and bool(os.listdir(args.output))
+            plan.output = f"{args.output}: " + ("a folder optimum-recon saved before: it would be replaced" if exists
+                                                 and not args.overwrite else "replaced (--overwrite)" if exists else
+                                                 "a new or empty folder: the model would be saved there")
+        except OutputFolderError as err:
+            refused = err
+            plan.output = f"{args.output}: refused ({err})"
+    else:
+        plan.output = "none given: nothing would be saved (pass --output FOLDER)"
+    print(describe(plan, config))
+    if refused is not None:
+        raise refused
+    return 0
+
+
 def _preflight_prune(args: argparse.Namespace) -> PruningConfig:
     """Everything `prune` can check before the model is loaded: the recipe, the folders, the device, the dtype and
     the evaluation data (the calibration data is read by `ReconPruner.from_pretrained`, before the weights)."""
@@ -155,6 +187,8 @@ def _preflight_prune(args: argparse.Namespace) -> PruningConfig:
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return run_dry_run(args)
     config = _preflight_prune(args)
     pruner = _load(args, config)
     datasets = [d for d in (args.eval or "").split(",") if d]

@@ -185,3 +185,59 @@ def test_env_prints_what_a_bug_report_needs(capsys):
     import transformers
 
     assert f"- transformers: {transformers.__version__}" in text and torch.__version__ in text
+
+
+def test_dry_run_prints_the_plan_without_loading_weights_or_data(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import optimum_recon.modeling.loading as loading
+    import optimum_recon.pruner as pruner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dry run loaded weights or read data")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    monkeypatch.setattr(pruner, "external_windows", refuse)
+    out = tmp_path / "new"
+    assert main(["prune", "--model", str(tiny_model_dir), "--dry-run", "--num-samples", "16", "--seq-len", "32",
+                 "--output", str(out), "--allocation", '{"model.layers.0": 0.3}']) == 0
+    text = capsys.readouterr().out
+    assert "no weights loaded, no data read" in text and "3 at model.layers, 7 linear layers each" in text
+    assert "27,648 weights to prune" in text and "16 windows x 32 tokens = 512 tokens" in text
+    assert "per block: 0: 30.0%, 1: 60.0%, 2: 60.0%" in text  # the table's block, the others share the rest
+    assert "time         about" in text and "memory       about" in text and "GFLOP/s" in text
+    assert "a new or empty folder" in text and not out.exists()
+    # an output the real run would refuse: the plan, the reason, and the same exit code
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    assert main(["prune", "--model", str(tiny_model_dir), "--dry-run", "--output", str(mine)]) == 2
+    captured = capsys.readouterr()
+    assert "refused" in captured.out and "notes.txt" in captured.err
+    # a pattern the model's widths do not allow fails as the real run would, before anything
+    assert main(["prune", "--model", str(tiny_model_dir), "--dry-run", "--pattern", "3:7"]) == 2
+    assert "divisible by 7" in capsys.readouterr().err
+
+
+def test_the_dry_run_estimate_counts_what_the_recipe_adds(tiny_model_dir):
+    from optimum_recon.dry_run import plan_prune_cost
+
+    def plan(**settings):
+        config = PruningConfig(calibration={"num_samples": 16, "seq_len": 32, "self_generate": "off"},
+                               **{"allocation": "uniform", **settings})
+        return plan_prune_cost(str(tiny_model_dir), "tiny", config)
+
+    lr, br = plan(reconstruction="layer"), plan(reconstruction="block", epochs=10)
+    assert lr.seconds["training (at most)"] == 0 and br.seconds["training (at most)"] > 0
+    # FLOPs, not the measured rate, decide the ratio: 10 epochs of 3 passes over N and 1 over H, against 3N + 2H
+    ratio = (br.seconds["training (at most)"] * br.flops_per_s) / (lr.seconds["masks and propagation"] * lr.flops_per_s
+                                                                    - _solve_flops(lr))
+    assert ratio == pytest.approx(10 * (3 * 16 + 8) / (3 * 16 + 2 * 8), rel=1e-6)
+    owl = plan(reconstruction="layer", allocation="owl")  # one more pass over the N windows, for its statistics
+    assert owl.seconds["masks and propagation"] * owl.flops_per_s - _solve_flops(owl) == pytest.approx(
+        (lr.seconds["masks and propagation"] * lr.flops_per_s - _solve_flops(lr)) * (4 * 16 + 2 * 8) / (3 * 16 + 16))
+    assert br.memory["one block at work"] > lr.memory["one block at work"]  # gradients, AdamW, the guard's copy
+    assert plan(propagation="local").memory["activations between blocks"] == pytest.approx(
+        1.5 * br.memory["activations between blocks"])
+
+
+def _solve_flops(plan) -> float:
+    return sum(o * i * i + i**3 for block in plan.layers for _, o, i in block)
