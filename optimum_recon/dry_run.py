@@ -1,6 +1,6 @@
 """`optimum-recon prune --dry-run`: what a prune would do, and about what it would cost, from the model's config alone.
 
-The model is built on the `meta` device (`accelerate.init_empty_weights`): its modules and shapes exist, its weights
+The model is built on the `meta` device (`modeling.loading.empty_model`): its modules and shapes exist, its weights
 do not, so a 70B model's plan costs what its config.json costs. Nothing is read but the config, and no folder is
 written; the output folder is checked as the real run checks it.
 
@@ -63,17 +63,6 @@ class PlanEstimate:
     output: str = ""
 
 
-def _skeleton(path: str, trust_remote_code: bool):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    model.tie_weights()  # (a tied LM head is the embedding: counted once, as a loaded model holds it)
-    return model
-
-
 def matmul_rate(device: torch.device, dtype: torch.dtype, rows: int, inner: int, cols: int) -> float:
     """Sustained FLOP/s of (rows x inner) @ (inner x cols) on ``device``, timed for about a quarter of a second."""
     a = torch.randn(rows, inner, device=device, dtype=dtype)
@@ -116,10 +105,10 @@ def plan_prune_cost(model_path: str, model_name: str, config: PruningConfig, *, 
     from .data.self_fill import auto_self_samples
     from .engine.sequential import validate_layers
     from .modeling.blocks import find_blocks, layers_to_prune
-    from .modeling.loading import checkpoint_dtype, name_of_dtype, parse_dtype
+    from .modeling.loading import checkpoint_dtype, empty_model, name_of_dtype, parse_dtype
     from .modeling.offload import check_device, default_device
 
-    model = _skeleton(model_path, trust_remote_code)
+    model = empty_model(model_path, trust_remote_code)
     path, blocks = find_blocks(model, blocks_path)
     plan = layers_to_prune(blocks, path, config.targets, config.ignore)
     validate_layers(plan, config, path)

@@ -98,6 +98,35 @@ CASES = {
     "compare: the second model does not exist": ["compare", "bundled", "./no-such-model", "--no-latency",
                                                  "--no-progress"],
     "finished run with --checkpoint-dir": ["--output", "out_ck", "--checkpoint-dir", "ck"],
+    "--output inside the model's folder": ["--model", "model_copy", "--output", "model_copy/pruned"],
+    "--num_samples (HfArgumentParser's spelling)": ["--num_samples", "4", "--seq_len", "32", "--output", "out_us"],
+    "--dry-run": ["--dry-run", "--output", "out_dry"],
+}
+
+
+def _saved(root: Path, env: dict, name: str) -> Path:
+    """A folder an earlier prune saved (the user then changes it)."""
+    _run(BASE + ["--output", name], root, env)
+    return root / name
+
+
+def _edit_readme(folder: Path) -> None:
+    (folder / "README.md").write_text((folder / "README.md").read_text() + "\nOur evaluation: 71%.\n")
+
+
+def _forge_marker(folder: Path) -> None:
+    (folder / "thesis.txt").write_text("two years of work\n")
+    marker = json.loads((folder / ".optimum-recon.json").read_text())
+    marker["files"]["thesis.txt"] = {"bytes": 18, "mtime_ns": 0, "sha256": "0" * 64}
+    (folder / ".optimum-recon.json").write_text(json.dumps(marker))
+
+
+# name -> (how the user changed a folder optimum-recon saved, before the prune into it again)
+CHANGED_FOLDERS = {
+    "saved folder, then its README edited": _edit_readme,
+    "saved folder, then a symlink added": lambda folder: (folder / "latest").symlink_to(folder / "config.json"),
+    "saved folder, then an empty sub-folder added": lambda folder: (folder / "plots").mkdir(),
+    "saved folder, then a marker written by hand": _forge_marker,
 }
 
 
@@ -173,7 +202,15 @@ def main() -> None:
                 for name, argv in CASES.items()]
         runs += [("Ctrl-C during BR", lambda: _ctrl_c(root, env)), ("save killed with SIGKILL, then saved again",
                                                                    lambda: _sigkill_save(root, env))]
+        prepared = {}
+        for index, (name, change) in enumerate(CHANGED_FOLDERS.items()):
+            folder = _saved(root, env, f"saved_{index}")
+            prepared[name] = lambda folder=folder, change=change: change(folder)
+            runs.append((name, lambda folder=folder: _run(BASE + ["--output", folder.name, "--sparsity", "0.6"], root,
+                                                          env)))
         for name, run in runs:
+            if name in prepared:
+                prepared[name]()
             before = _snapshot(root)
             result = run()
             after = _snapshot(root)

@@ -89,6 +89,19 @@ class ModelLoadError(ValueError):
     """The loaded model is not the checkpoint: weights missing from the files, or files holding other weights."""
 
 
+def empty_model(path: str, trust_remote_code: bool = False):
+    """The model ``path`` holds, built from its config on the `meta` device (`accelerate.init_empty_weights`): every
+    module and shape, no weight; a 70B model costs what its config.json costs (`prune --dry-run`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # (a tied LM head is the embedding: counted once, as a loaded model holds it)
+    return model
+
+
 def parse_dtype(dtype: Any) -> Any:
     """``None``, ``"auto"``, a `torch.dtype` or its name (``"bfloat16"``); anything else is a clear error."""
     if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
