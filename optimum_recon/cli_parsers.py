@@ -71,6 +71,17 @@ def _latency_flags(flags: Flags) -> None:
     flags.add("--latency-repeats", type=int, default=3, metavar="N", help="Timed runs (the median is reported).")
 
 
+def _measurement_flags(parser: argparse.ArgumentParser, perplexity: tuple[str, str | None, str],
+                       latency: tuple[str, str]) -> None:
+    """The perplexity, zero-shot and speed groups of `eval` and `compare` (their dataset flag, default and help; the
+    flag that turns the speed test on or off)."""
+    _eval_flags(_group(parser, "perplexity"), *perplexity)
+    _task_flags(_group(parser, "zero-shot accuracy"))
+    speed = _group(parser, "speed")
+    speed.add(latency[0], action="store_true", help=latency[1])
+    _latency_flags(speed)
+
+
 def _recipe_flag(flags: Flags, flag: str, choices: dict[str, tuple[str, ...]]) -> None:
     cls, name, kind = RECIPE_FLAGS[flag]
     kwargs: dict[str, Any] = {"help": field_help(cls, name).replace("%", "%%"), "default": field_default(cls, name),
@@ -165,13 +176,10 @@ def _eval_parser(sub: Any) -> argparse.ArgumentParser:
                               formatter_class=HelpFormatter, description="Evaluate a model (no calibration data is "
                               "read). With --update-card, the results go into a pruned folder's card.")
     _model_flags(_group(evaluate, "model"))
-    _eval_flags(_group(evaluate, "perplexity"), "--dataset", None, "Comma-separated perplexity datasets (wikitext2, "
-                "c4, ptb, a local file or a Hub id); 'none' for none. Default: wikitext2, unless --tasks or --latency "
-                "is given.")
-    _task_flags(_group(evaluate, "zero-shot accuracy"))
-    speed = _group(evaluate, "speed")
-    speed.add("--latency", action="store_true", help="Also measure prefill and decode tokens/s.")
-    _latency_flags(speed)
+    _measurement_flags(evaluate, ("--dataset", None, "Comma-separated perplexity datasets (wikitext2, c4, ptb, a "
+                                  "local file or a Hub id); 'none' for none. Default: wikitext2, unless --tasks or "
+                                  "--latency is given."),
+                       ("--latency", "Also measure prefill and decode tokens/s."))
     output = _group(evaluate, "output")
     output.add("--json", default=None, metavar="FILE", help="Also write the results to this JSON file (a new file, or "
                "one an earlier eval wrote, unless --overwrite).")
@@ -192,12 +200,8 @@ def _compare_parser(sub: Any) -> argparse.ArgumentParser:
     names.add("--dtype", default=None, metavar="{float32,bfloat16,float16,auto}",
               help="Load dtype (default: float32 on CPU, the checkpoint's on GPU).")
     names.add("--device-map", default=None, metavar="MAP", help="Passed to from_pretrained (e.g. auto).")
-    _eval_flags(_group(compare, "perplexity"), "--datasets", "wikitext2",
-                "Comma-separated perplexity datasets; 'none' for none.")
-    _task_flags(_group(compare, "zero-shot accuracy"))
-    speed = _group(compare, "speed")
-    speed.add("--no-latency", action="store_true", help="Skip the prefill/decode speed measurement.")
-    _latency_flags(speed)
+    _measurement_flags(compare, ("--datasets", "wikitext2", "Comma-separated perplexity datasets; 'none' for none."),
+                       ("--no-latency", "Skip the prefill/decode speed measurement."))
     output = _group(compare, "output")
     output.add("--output", default="comparison", metavar="FOLDER", help="Folder for comparison.json, comparison.md "
                "and the PNG plots: new, empty, or an earlier comparison.")

@@ -105,17 +105,19 @@ class Provenance:
     replacements: dict[str, str]
 
     @classmethod
-    def of(cls, model_id: str | None, config: PruningConfig, evaluated: Iterable[str] = (),
+    def of(cls, model_id: str | None, config: PruningConfig | None, evaluated: Iterable[str] = (),
            recorded: dict[str, Any] | None = None, **metadata: Any) -> "Provenance":
         """The provenance of a prune of ``model_id`` with ``config``, evaluated on ``evaluated`` datasets.
 
         ``recorded``: an earlier record (read back from a saved report), kept for what cannot be looked at again.
+        ``config=None`` leaves the calibration record as recorded (a saved folder's recipe names its data file by
+        its base name: a file of that name here may be another one).
         ``metadata``: ``base_model``, ``license``, ``datasets`` given by the user (None: inferred or unknown).
         """
         inputs: dict[str, Any] = dict(recorded or {})
         replacements: dict[str, str] = {}
         given = [("model", model_id)]
-        if config.calibration.external_source is not None:
+        if config is not None and config.calibration.external_source is not None:
             given.append(("calibration", config.calibration.external_source))
         for key, value in given:
             if value:

@@ -117,10 +117,9 @@ def record_evaluation(
     if not (folder / "pruning_config.json").is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no pruning_config.json: only a folder saved by optimum-recon "
                                 "has a model card to update.")
-    config = PruningConfig.from_pretrained(str(folder))
     report_path = folder / REPORT_NAME
     report = PruningReport.load(report_path) if report_path.is_file() else PruningReport()
-    provenance = Provenance.of(None, config, evaluated=[*(perplexity or {})], recorded=report.provenance)
+    provenance = Provenance.of(None, None, evaluated=[*(perplexity or {})], recorded=report.provenance)
     for name, value in (perplexity or {}).items():
         report.perplexity.setdefault(public_path(name), {})["pruned"] = value
         if protocols and name in protocols:
