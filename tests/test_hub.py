@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from hub_server import HubServer
@@ -275,3 +276,18 @@ def test_card_says_which_precision_training_ran_in():
     assert "in bfloat16 (the model's own dtype) (chosen by" in own and "autocast" not in own
     half = card(PruningConfig(train_dtype="float16"), "float16", autocast=True, weights_dtype="bfloat16")
     assert "in float16 autocast with bfloat16 master weights." in half
+
+
+def test_the_protocol_words_docs_hub_quotes():
+    from optimum_recon.hub.card import protocol_words
+
+    protocol = {"tokens": 16384, "total_tokens": 304734, "seq_len": 1024, "split": "test", "origin": "bundled",
+                "selection": "all rows"}
+    words = ("the first 16,384 of the 304,734 tokens of the WikiText-2 (raw) test split, read from the copy bundled "
+             "with optimum-recon (the whole raw test split), in non-overlapping windows of 1,024 tokens")
+    assert protocol_words("wikitext2", protocol, {}) == words
+    page = (Path(__file__).resolve().parents[1] / "docs" / "hub.md").read_text()
+    assert " ".join(("Measured on " + words).split()) in " ".join(page.split())
+    # the whole text: "all N tokens", with what the last partial window dropped
+    assert protocol_words("wikitext2", {**protocol, "tokens": 304128}, {}).startswith(
+        "all 304,734 tokens (the 606 after the last whole window dropped) of the WikiText-2 (raw) test split")
