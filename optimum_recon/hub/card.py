@@ -279,8 +279,8 @@ def _overview(config: PruningConfig, report: PruningReport | None, title: str) -
     if headline:
         lines += [""] + headline
     else:
-        lines += ["", "No perplexity of the dense and the pruned model was recorded with this model: "
-                  "`optimum-recon eval --model FOLDER --update-card` adds one."]
+        lines += ["", "No perplexity of both the dense and the pruned model was recorded with this model (a prune "
+                  "with `--eval wikitext2`, or `pruner.evaluate()` before and after `prune()`, records both)."]
     return "\n".join(lines)
 
 
