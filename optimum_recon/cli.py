@@ -130,7 +130,7 @@ def run_dry_run(args: argparse.Namespace) -> int:
     """`prune --dry-run`: the checks of a real run, then the plan and its cost from the model's config alone."""
     from .data.default_model import DEFAULT_MODEL_NAME
     from .dry_run import describe, plan_prune_cost
-    from .folders import OutputFolderError, check_output_dir
+    from .folders import OutputFolderError
     from .modeling.loading import check_model_exists, resolve_model_path
 
     config = config_from_args(args)
@@ -139,29 +139,35 @@ def run_dry_run(args: argparse.Namespace) -> int:
     plan = plan_prune_cost(path, args.model or DEFAULT_MODEL_NAME, config, dtype=args.dtype,
                            blocks_path=args.blocks_path, device=args.device, trust_remote_code=args.trust_remote_code)
     refused = None
+    plan.output = "none given: nothing would be saved (pass --output FOLDER)"
     if args.output:
+        held = os.path.isdir(args.output) and bool(os.listdir(args.output))
         try:
-            check_output_dir(args.output, kind="model", overwrite=args.overwrite, what="--output",
-                             protect=[path if os.path.isdir(path) else None, ("--checkpoint-dir", args.checkpoint_dir)])
-            exists = os.path.isdir(args.output) and bool(os.listdir(args.output))
-            plan.output = f"{args.output}: " + ("a folder optimum-recon saved before: it would be replaced" if exists
-                                                 and not args.overwrite else "replaced (--overwrite)" if exists else
-                                                 "a new or empty folder: the model would be saved there")
+            _check_output(args, path if os.path.isdir(path) else None)
+            plan.output = f"{args.output}: " + (
+                "a new or empty folder: the model would be saved there" if not held else
+                "replaced (--overwrite)" if args.overwrite else
+                "a folder optimum-recon saved before, unchanged: it would be replaced")
         except OutputFolderError as err:
             refused = err
             plan.output = f"{args.output}: refused ({err})"
-    else:
-        plan.output = "none given: nothing would be saved (pass --output FOLDER)"
     print(describe(plan, config))
     if refused is not None:
         raise refused
     return 0
 
 
+def _check_output(args: argparse.Namespace, model_folder: str | None) -> None:
+    """The --output check of `prune` (and of its dry run): refused like the save would refuse it."""
+    from .folders import check_output_dir
+
+    check_output_dir(args.output, kind="model", overwrite=args.overwrite, what="--output",
+                     protect=[model_folder, ("--checkpoint-dir", args.checkpoint_dir)])
+
+
 def _preflight_prune(args: argparse.Namespace) -> PruningConfig:
     """Everything `prune` can check before the model is loaded: the recipe, the folders, the device, the dtype and
     the evaluation data (the calibration data is read by `ReconPruner.from_pretrained`, before the weights)."""
-    from .folders import check_output_dir
     from .modeling.loading import parse_dtype, resolve_model_path
     from .modeling.offload import check_device
 
@@ -171,8 +177,7 @@ def _preflight_prune(args: argparse.Namespace) -> PruningConfig:
     model_path = resolve_model_path(args.model)
     model_folder = model_path if os.path.isdir(model_path) else None
     if args.output:
-        check_output_dir(args.output, kind="model", overwrite=args.overwrite, what="--output",
-                         protect=[model_folder, ("--checkpoint-dir", args.checkpoint_dir)])
+        _check_output(args, model_folder)
     if args.checkpoint_dir:
         from .engine.checkpoint import check_checkpoint_dir
 

@@ -64,7 +64,10 @@ class PlanEstimate:
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, rows: int, inner: int, cols: int) -> float:
-    """Sustained FLOP/s of (rows x inner) @ (inner x cols) on ``device``, timed for about a quarter of a second."""
+    """Sustained FLOP/s of (rows x inner) @ (inner x cols) on ``device``, timed for about a quarter of a second.
+    Each side is capped at 2,048: a 70B block's shapes would cost a gigabyte and seconds per product on a CPU, for
+    the same rate."""
+    rows, inner, cols = (min(n, 2048) for n in (rows, inner, cols))
     a = torch.randn(rows, inner, device=device, dtype=dtype)
     b = torch.randn(inner, cols, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -142,16 +145,15 @@ def plan_prune_cost(model_path: str, model_name: str, config: PruningConfig, *, 
 
 
 def _estimate_seconds(plan: PlanEstimate, config: PruningConfig) -> None:
-    from .reconstruction import get_reconstruction
+    from .reconstruction import trained_window, trains
 
     n, h, t = plan.windows + plan.self_generated, plan.heldout, plan.seq_len
-    trains = get_reconstruction(config.reconstruction).trains and config.epochs > 0
-    window = get_reconstruction(config.reconstruction).window_size(config) if trains else 1
+    training_runs, window = trains(config), trained_window(config)
     masks = training = solve = 0.0
     for block in plan.layers:
         weights = sum(o * i for _, o, i in block)
         masks += 2 * weights * t * (3 * n + 2 * h)
-        if trains:  # CR trains every block in `window` windows
+        if training_runs:  # CR trains every block in `window` windows
             training += window * config.epochs * 2 * weights * t * (3 * n + h)
         if config.method in ("sparsegpt", "alps"):
             solve += sum(o * i * i + i**3 for _, o, i in block) * (10 if config.method == "alps" else 1)
@@ -164,17 +166,16 @@ def _estimate_seconds(plan: PlanEstimate, config: PruningConfig) -> None:
 
 
 def _estimate_memory(plan: PlanEstimate, config: PruningConfig) -> None:
-    from .reconstruction import get_reconstruction
+    from .reconstruction import trained_window, trains
 
     bytes_per = _DTYPE_BYTES.get(plan.load_dtype, 4)
     paths = 3 if config.propagation == "local" else 2
     tokens = (plan.windows + plan.self_generated + plan.heldout) * plan.seq_len
-    trains = get_reconstruction(config.reconstruction).trains and config.epochs > 0
-    window = get_reconstruction(config.reconstruction).window_size(config) if trains else 1
-    block = plan.block_parameters * 4 * window * ((1 + 1 + 2 + 1) if trains else 1)  # fp32 master, grad, Adam, guard
+    training_runs, window = trains(config), trained_window(config)
+    block = plan.block_parameters * 4 * window * ((1 + 1 + 2 + 1) if training_runs else 1)  # master, grad, Adam, guard
     hessians = sum(i * i * 4 for _, _, i in plan.layers[0]) if config.method in ("sparsegpt", "alps") else 0
-    batch = config.batch_size * plan.seq_len * (16 * plan.hidden + 4 * plan.intermediate) * 4 * window if trains \
-        else 0
+    batch = (config.batch_size * plan.seq_len * (16 * plan.hidden + 4 * plan.intermediate) * 4 * window
+             if training_runs else 0)
     plan.memory = {"Python, torch and transformers": int(peak_rss_mib() * 2**20),
                    "weights": plan.parameters * bytes_per,
                    "activations between blocks": paths * tokens * plan.hidden * bytes_per,

@@ -61,14 +61,19 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
     return data
 
 
-def file_record(path: Path) -> dict[str, Any]:
-    """What the marker keeps of a file it lists: bytes, modification time (ns) and SHA-256 of the content."""
-    stat = path.stat()
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content, read in 4 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             digest.update(chunk)
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What the marker keeps of a file it lists: bytes, modification time (ns) and SHA-256 of the content."""
+    stat = path.stat()
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_of(path)}
 
 
 def write_marker(folder: str | os.PathLike, kind: str, files: Iterable[str] | None = None) -> Path:
@@ -123,16 +128,15 @@ def _unchanged(path: Path, record: Any) -> bool:
         return False
     if stat.st_mtime_ns == record.get("mtime_ns"):
         return True
-    return file_record(path)["sha256"] == record["sha256"]
+    return sha256_of(path) == record["sha256"]
 
 
 def foreign_entries(folder: str | os.PathLike, marker: dict) -> list[str]:
-    """The entries of an optimum-recon folder that are not exactly what its marker says it wrote, each with why:
-    files changed or missing a hash, files added, sub-folders and links. Empty when the folder may be replaced."""
+    """The entries of an optimum-recon folder that are not exactly what its marker (one with a record of every file:
+    `_check_existing` refuses others first) says it wrote, each with why: files changed, files added, sub-folders
+    and links. Empty when the folder may be replaced."""
     folder = Path(folder)
     files = marker["files"]
-    if not isinstance(files, dict):  # a marker of names alone (by hand, or before hashes were recorded)
-        files = dict.fromkeys(files)
     found = []
     for name, kind in _entries(folder):
         if name == MARKER:
@@ -145,8 +149,7 @@ def foreign_entries(folder: str | os.PathLike, marker: dict) -> list[str]:
         elif name not in files:
             found.append(name)
         elif not _unchanged(folder / name, files[name]):
-            found.append(f"{name} (changed since optimum-recon wrote it)" if isinstance(files[name], dict)
-                         else f"{name} (no record of what optimum-recon wrote)")
+            found.append(f"{name} (changed since optimum-recon wrote it)")
     return found
 
 

@@ -42,6 +42,14 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 
+def _read_calibration(tokenizer, config: PruningConfig, read: bool) -> tuple[dict[str, Any], Any, list[str]]:
+    """What `from_pretrained` reads of the calibration data before the model (or, for a model object, right away):
+    the settings it was read with, the external windows (None when ``read`` is false) and the warnings raised."""
+    with recorded_warnings() as notes:
+        windows = external_windows(tokenizer, config.calibration) if read else None
+    return dataclasses.asdict(config.calibration), windows, notes
+
+
 class ReconPruner:
     """Prune a causal language model block by block and reconstruct it.
 
@@ -132,15 +140,14 @@ class ReconPruner:
                 model_kwargs[key] = value
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(str(tokenizer or path), model_kwargs.get("trust_remote_code", False))
-        with recorded_warnings() as notes:
-            windows = external_windows(tokenizer, config.calibration) if read_calibration else None
+        prepared = _read_calibration(tokenizer, config, read_calibration)
         saved_dtype = checkpoint_dtype(path, model_kwargs.get("trust_remote_code", False))
         model = load_model(path, dtype=dtype, allow_missing_weights=allow_missing_weights, **model_kwargs)
         model_id = DEFAULT_MODEL_NAME if model_id_or_path is None else str(model_id_or_path)
         pruner = cls(model, tokenizer, config, model_id=model_id, blocks_path=blocks_path)
         pruner.source_folder = path if os.path.isdir(path) else None
         pruner.checkpoint_dtype = saved_dtype or pruner.checkpoint_dtype
-        pruner._prepared = (dataclasses.asdict(config.calibration), windows, notes)
+        pruner._prepared = prepared
         return pruner
 
     @classmethod
@@ -165,13 +172,9 @@ class ReconPruner:
                 raise ValueError("this model does not say where it was loaded from, so its tokenizer cannot be "
                                  "found: pass tokenizer= (the tokenizer object, or its Hub id or folder).")
             tokenizer = load_tokenizer(where, given.get("trust_remote_code", False))
-        if read_calibration and config.calibration.external_source is not None:
-            check_source(config.calibration.external_source)
-        with recorded_warnings() as notes:
-            windows = external_windows(tokenizer, config.calibration) if read_calibration else None
         pruner = cls(model, tokenizer, config, model_id=name, blocks_path=blocks_path)
         pruner.source_folder = name if name and os.path.isdir(name) else None
-        pruner._prepared = (dataclasses.asdict(config.calibration), windows, notes)
+        pruner._prepared = _read_calibration(tokenizer, config, read_calibration)
         return pruner
 
     def calibration_set(

@@ -34,7 +34,7 @@ import torch
 
 from ..modeling.blocks import find_blocks, layers_to_prune
 from ..modeling.offload import _nbytes, check_device, default_device, input_device, is_offloaded
-from ..reconstruction import get_reconstruction
+from ..reconstruction import get_reconstruction, trains
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..calibration_config import CalibrationConfig
@@ -68,7 +68,7 @@ def auto_self_samples(model, config: PruningConfig, num_windows: int, seq_len: i
                       blocks_path: str | None = None) -> tuple[int, dict[str, Any]]:
     """How many windows of ``seq_len`` tokens `self_generate="auto"` adds to ``num_windows`` external ones (0 when
     nothing is trained or there are already enough targets), and the numbers behind it for the report."""
-    if not get_reconstruction(config.reconstruction).trains or config.epochs == 0:
+    if not trains(config):
         return 0, {}
     weights, width = weights_per_fit(model, config, blocks_path), hidden_size(model)
     if weights == 0:

@@ -41,13 +41,6 @@ _RECONSTRUCTION_WORDS = {
 }
 
 
-def trains(config: PruningConfig) -> bool:
-    """Whether the recipe trains anything (BR/CR with epochs); an LR-only card leaves training settings out."""
-    from ..reconstruction import get_reconstruction
-
-    return get_reconstruction(config.reconstruction).trains and config.epochs > 0
-
-
 def _is_hub_id(name: str | None) -> bool:
     return bool(name) and name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/", "~"))
 
@@ -69,6 +62,8 @@ def base_model_license(base_model: str | None) -> str | None:
 
 
 def _what_was_done(config: PruningConfig, report: PruningReport | None) -> str:
+    from ..reconstruction import trains  # (at call time: importing the card stays cheap)
+
     pattern = "unstructured" if config.nm is None else f"{config.pattern} semi-structured"
     target = ("the dense model's own hidden states (global propagation)" if config.propagation == "global"
               else "the dense block's output on the pruned model's inputs (local targets)")
@@ -272,6 +267,8 @@ def _results(report: PruningReport | None) -> str:
 
 
 def _config_table(config: PruningConfig) -> str:
+    from ..reconstruction import trains
+
     rows = ["| setting | value |", "| --- | --- |"]
     data = config.to_dict()
     calibration = data.pop("calibration")

@@ -17,13 +17,13 @@ The in-memory config keeps the real paths (a resumed prune needs them); only wha
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..calibration_config import CalibrationConfig
 from ..configuration import PruningConfig
+from ..folders import sha256_of
 
 # A data file this large is named and sized but not hashed (reading it would dominate the save).
 _HASH_LIMIT = 4 << 30
@@ -53,14 +53,6 @@ def public_source(source: str) -> str:
     if external.startswith("self:"):
         return source
     return public_path(external) + plus + rest
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def describe_input(value: str) -> dict[str, Any]:

@@ -25,6 +25,16 @@ def get_reconstruction(name: str) -> Reconstruction:
     return RECONSTRUCTIONS.create(name)
 
 
+def trains(config) -> bool:
+    """Whether ``config`` (a `PruningConfig`) trains anything: a strategy that trains (BR, CR), for some epochs."""
+    return get_reconstruction(config.reconstruction).trains and config.epochs > 0
+
+
+def trained_window(config) -> int:
+    """How many consecutive blocks one training fit sets (1 for BR; `window` for CR; 1 when nothing is trained)."""
+    return get_reconstruction(config.reconstruction).window_size(config) if trains(config) else 1
+
+
 for _cls in (LayerReconstruction, BlockReconstruction, CrossBlockReconstruction):
     register_reconstruction(_cls)
 
