@@ -108,3 +108,11 @@ def shared_data():
 @pytest.fixture(autouse=True)
 def _no_data_dir(monkeypatch):
     monkeypatch.delenv("OPTIMUM_RECON_DATA_DIR", raising=False)
+
+
+@pytest.fixture
+def user(tmp_path, tiny_model_dir, text_file):
+    """A user's working folder: the model, a calibration text, and a file of their own beside them."""
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    (tiny_model_dir / "my-readme.md").write_text("the user's own file in the model folder\n")
+    return tmp_path

@@ -1,13 +1,12 @@
 """Bad input and interruptions through the real command line, on a tiny model.
 
 Every case asserts the exit code, the one-line message, that the error came before the model's weights were loaded
-(where it can), and that no file of the user's was touched. docs/troubleshooting.md quotes how many cases there are
-(the last test keeps the two in step).
+(where it can), and that no file of the user's was touched. The output-folder contract has its own file,
+test_output_folders.py; docs/troubleshooting.md quotes how many cases the two hold (the last test keeps them in step).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,219 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_cases import count_cases
+from cli_cases import one_line_error as _one_line_error
+from cli_cases import prune_argv as _prune
+from cli_cases import run_cli as _run
+from cli_cases import snapshot as _snapshot
 
-from optimum_recon.cli import main
-from optimum_recon.folders import MARKER, PARTIAL_MARKER
-
-
-def _snapshot(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` with a hash of its bytes."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from optimum_recon.folders import MARKER
 
 
-@pytest.fixture
-def user(tmp_path, tiny_model_dir, text_file):
-    """A user's working folder: the model, a calibration text, and a file of their own beside them."""
-    (tmp_path / "notes.txt").write_text("my notes\n")
-    (tiny_model_dir / "my-readme.md").write_text("the user's own file in the model folder\n")
-    return tmp_path
-
-
-def _prune(model, text, *extra, samples="4", seq="32"):
-    return ["prune", "--model", str(model), "--calibration", str(text), "--num-samples", samples, "--seq-len", seq,
-            "--reconstruction", "layer", "--method", "magnitude", "--no-progress", *extra]
-
-
-def _run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_line_error(err: str, message: str) -> None:
-    lines = [line for line in err.splitlines() if line.startswith("optimum-recon: error:")]
-    assert len(lines) == 1 and message in lines[0], err
-    assert "Traceback" not in err
-
-
-# --- 1. the output folder contract --------------------------------------------------------------------------
-def test_output_is_the_model_folder(user, tiny_model_dir, text_file, capsys):
-    before = _snapshot(tiny_model_dir)
-    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", tiny_model_dir, "--overwrite"), capsys)
-    assert code == 2
-    _one_line_error(err, "is the input model's folder")
-    assert "Loading weights" not in err and _snapshot(tiny_model_dir) == before
-
-
-def test_output_containing_the_model_folder(user, tiny_model_dir, text_file, capsys):
-    before = _snapshot(user)
-    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", user, "--overwrite"), capsys)
-    assert code == 2
-    _one_line_error(err, "contains the input model's folder")
-    assert _snapshot(user) == before
-
-
-def test_output_dot_with_user_files(user, tiny_model_dir, text_file, capsys, monkeypatch):
-    work = user / "work"
-    work.mkdir()
-    (work / "data.csv").write_text("a,b\n")
-    monkeypatch.chdir(work)
-    before = _snapshot(work)
-    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", "."), capsys)
-    assert code == 2
-    _one_line_error(err, "already holds files that optimum-recon did not write (data.csv)")
-    assert "Loading weights" not in err and _snapshot(work) == before
-
-
-def test_current_folder_is_never_replaced(tmp_path, tiny_model_dir, text_file, capsys, monkeypatch):
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "data.csv").write_text("a,b\n")
-    monkeypatch.chdir(work)
-    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", ".", "--overwrite"), capsys)
-    assert code == 2
-    _one_line_error(err, "never replaced")
-    assert (work / "data.csv").read_text() == "a,b\n"
-
-
-def test_an_empty_current_folder_is_not_replaced_either(tmp_path, tiny_model_dir, text_file, capsys, monkeypatch):
-    work = tmp_path / "empty-work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", "."), capsys)
-    assert code == 2  # a save replaces its folder by a rename: the shell's folder would vanish under it
-    _one_line_error(err, "never replaced")
-    assert work.is_dir() and not list(work.iterdir())
-
-
-def test_existing_folder_of_user_files(user, tiny_model_dir, text_file, capsys):
-    out = user / "out"
-    out.mkdir()
-    (out / "results.txt").write_text("precious\n")
-    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", out), capsys)
-    assert code == 2
-    _one_line_error(err, "results.txt")
-    assert "--overwrite" in err and (out / "results.txt").read_text() == "precious\n"
-    # said explicitly, the folder is replaced
-    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", out, "--overwrite"), capsys)
-    assert code == 0, err
-    assert (out / "model.safetensors").is_file() and not (out / "results.txt").exists()
-
-
-def test_own_folder_is_rewritten_but_not_with_a_user_file_in_it(user, tiny_model_dir, text_file, capsys):
-    out = user / "out"
-    assert _run(_prune(tiny_model_dir, text_file, "--output", out), capsys)[0] == 0
-    marker = json.loads((out / MARKER).read_text())
-    assert marker["kind"] == "model" and "model.safetensors" in marker["files"]
-    assert _run(_prune(tiny_model_dir, text_file, "--output", out, "--sparsity", "0.6"), capsys)[0] == 0
-    (out / "eval-notes.txt").write_text("mine\n")
-    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", out), capsys)
-    assert code == 2
-    _one_line_error(err, "eval-notes.txt")
-    assert (out / "eval-notes.txt").read_text() == "mine\n"
-
-
-def test_output_is_a_file_or_cannot_be_created(user, tiny_model_dir, text_file, capsys):
-    for output, message in ((user / "notes.txt", "is a file"), (user / "notes.txt" / "sub", "is a file"),
-                            ("/proc/optimum-recon-test/out", "cannot be written")):
-        code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", output), capsys)
-        assert code == 2
-        _one_line_error(err, message)
-        assert "Loading weights" not in err
-    assert (user / "notes.txt").read_text() == "my notes\n"
-
-
-def test_stale_partial_folders_are_removed_but_not_others(user, tiny_model_dir, text_file, capsys):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = user / ".out.partial-abc123"
-    stale.mkdir()
-    (stale / "model.safetensors").write_bytes(b"0" * 1000)
-    (stale / PARTIAL_MARKER).write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename}))
-    lookalike = user / ".out.partial-userdir"  # same pattern, not ours: kept
-    lookalike.mkdir()
-    (lookalike / "keep.txt").write_text("x")
-    assert _run(_prune(tiny_model_dir, text_file, "--output", user / "out"), capsys)[0] == 0
-    assert not stale.exists() and (lookalike / "keep.txt").is_file()
-
-
-def test_output_inside_the_model_folder(user, tiny_model_dir, text_file, capsys):
-    before = _snapshot(tiny_model_dir)
-    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", tiny_model_dir / "pruned", "--overwrite"),
-                        capsys)
-    assert code == 2
-    _one_line_error(err, "is inside the input model's folder")
-    assert "Loading weights" not in err and _snapshot(tiny_model_dir) == before
-
-
-def _saved_once(user, tiny_model_dir, text_file, capsys) -> Path:
-    out = user / "out"
-    assert _run(_prune(tiny_model_dir, text_file, "--output", out), capsys)[0] == 0
-    return out
-
-
-def _change_readme(out: Path) -> None:
-    (out / "README.md").write_text((out / "README.md").read_text() + "\nMy evaluation on our data: 71%.\n")
-
-
-def _add_link(out: Path) -> None:
-    (out / "latest").symlink_to(out / "model.safetensors")
-
-
-def _add_folder(out: Path) -> None:
-    (out / "plots").mkdir()
-
-
-def _forge_marker(out: Path) -> None:
-    (out / "thesis.txt").write_text("two years of work\n")
-    marker = json.loads((out / MARKER).read_text())
-    marker["files"]["thesis.txt"] = {"bytes": 18, "mtime_ns": 0, "sha256": "0" * 64}
-    (out / MARKER).write_text(json.dumps(marker))
-
-
-def _names_only_marker(out: Path) -> None:
-    (out / "thesis.txt").write_text("two years of work\n")
-    marker = json.loads((out / MARKER).read_text())
-    marker["files"] = sorted([*marker["files"], "thesis.txt"])
-    (out / MARKER).write_text(json.dumps(marker))
-
-
-@pytest.mark.parametrize("change, entry", [
-    (_change_readme, "README.md (changed since optimum-recon wrote it)"),
-    (_add_link, "latest (a symbolic link)"),
-    (_add_folder, "plots/ (a folder)"),
-    (_forge_marker, "thesis.txt (changed since optimum-recon wrote it)"),
-    (_names_only_marker, "without the hash of every file it lists"),
-])
-def test_a_saved_folder_the_user_changed_is_theirs(change, entry, user, tiny_model_dir, text_file, capsys):
-    """Each of these was replaced or deleted silently when the marker held names alone."""
-    out = _saved_once(user, tiny_model_dir, text_file, capsys)
-    change(out)
-    before = _snapshot(out)
-    links = sorted(p.name for p in out.iterdir() if p.is_symlink() or p.is_dir())
-    code, _, err = _run(_prune(tiny_model_dir, text_file, "--output", out, "--sparsity", "0.6"), capsys)
-    assert code == 2
-    _one_line_error(err, entry)
-    assert "Loading weights" not in err and "--overwrite" in err
-    assert _snapshot(out) == before and sorted(p.name for p in out.iterdir() if p.is_symlink() or p.is_dir()) == links
-
-
-def test_a_saved_folder_touched_but_unchanged_is_still_ours(user, tiny_model_dir, text_file, capsys):
-    out = _saved_once(user, tiny_model_dir, text_file, capsys)
-    os.utime(out / "README.md", ns=(1, 1))  # touched (copied with cp, say): same bytes, another time
-    assert _run(_prune(tiny_model_dir, text_file, "--output", out, "--sparsity", "0.6"), capsys)[0] == 0
-    assert json.loads((out / "pruning_config.json").read_text())["sparsity"] == 0.6
-
-
-def test_a_card_updated_by_eval_is_still_ours(user, tiny_model_dir, text_file, capsys):
-    out = _saved_once(user, tiny_model_dir, text_file, capsys)
-    code, _, err = _run(["eval", "--model", out, "--dataset", text_file, "--eval-max-tokens", "256", "--no-progress",
-                         "--update-card"], capsys)
-    assert code == 0, err
-    assert _run(_prune(tiny_model_dir, text_file, "--output", out, "--sparsity", "0.6"), capsys)[0] == 0
-
-
-# --- 2. finite settings, and training that diverges ---------------------------------------------------------
+# --- 1. finite settings, and training that diverges ---------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "inf"], "lr=inf is not valid"),
     (["--lr", "nan"], "lr=nan is not valid"),
@@ -263,7 +59,7 @@ def test_diverging_training_stops_and_saves_nothing(user, tiny_model_dir, text_f
     assert "lr=0.5" in err and "nothing was saved" in err and not out.exists()
 
 
-# --- 3. a checkpoint whose weights are not the model its config describes -----------------------------------
+# --- 2. a checkpoint whose weights are not the model its config describes -----------------------------------
 def test_config_beside_other_weights(user, tiny_model_dir, text_file, capsys):
     from transformers import BertConfig
 
@@ -276,7 +72,7 @@ def test_config_beside_other_weights(user, tiny_model_dir, text_file, capsys):
     assert "missing from the checkpoint" in err and "--allow-missing-weights" in err and not out.exists()
 
 
-# --- 4 and 5. malformed data, recipes, devices: one line naming the file and the fix ------------------------
+# --- 3 and 4. malformed data, recipes, devices: one line naming the file and the fix ------------------------
 def _write(path: Path, content: str | bytes) -> Path:
     (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
     return path
@@ -382,7 +178,7 @@ def test_model_path_that_is_not_a_model(make, message, user, text_file, capsys):
     assert "not a local folder" not in err
 
 
-# --- 6. leftovers: the checkpoint folder --------------------------------------------------------------------
+# --- 5. leftovers: the checkpoint folder --------------------------------------------------------------------
 def test_checkpoint_is_deleted_after_the_save_unless_kept(user, tiny_model_dir, text_file, capsys):
     ck = user / "ck"
     code, out, _ = _run(_prune(tiny_model_dir, text_file, "--output", user / "out", "--checkpoint-dir", ck), capsys)
@@ -405,7 +201,7 @@ def test_checkpoint_dir_of_user_files_and_overlaps(user, tiny_model_dir, text_fi
     assert code == 2 and "Loading weights" not in err
 
 
-# --- 7. fail fast ------------------------------------------------------------------------------------------
+# --- 6. fail fast ------------------------------------------------------------------------------------------
 def test_compare_checks_every_model_before_the_first(user, tiny_model_dir, capsys, monkeypatch):
     monkeypatch.chdir(user)
     code, _, err = _run(["compare", tiny_model_dir, "./no-such-model", "--no-progress", "--no-latency"], capsys)
@@ -488,7 +284,7 @@ def test_a_full_disk_while_saving_replaces_nothing_and_says_so(user, tiny_model_
     assert [p.name for p in user.iterdir() if ".partial-" in p.name] == []
 
 
-# --- 8. what a newcomer reads: one clean line per notice, results once --------------------------------------
+# --- 7. what a newcomer reads: one clean line per notice, results once --------------------------------------
 def test_notices_are_one_clean_line_each(tmp_path, tiny_model_dir, capsys):
     code, out, err = _run(["prune", "--model", tiny_model_dir, "--calibration", "c4", "--num-samples", "2",
                            "--seq-len", "16", "--method", "magnitude", "--reconstruction", "layer", "--no-progress"],
@@ -521,17 +317,9 @@ def test_ctrl_c_is_one_line_and_exit_130(user, tiny_model_dir, text_file):
     shutil.rmtree(ck)
 
 
-def _count_cases() -> int:
-    """The cases of this file: one per test, or one per parameter set of a parametrized test."""
-    count = 0
-    for name, fn in globals().items():
-        if not name.startswith("test_") or name == "test_troubleshooting_quotes_the_count":
-            continue
-        marks = [m for m in getattr(fn, "pytestmark", []) if m.name == "parametrize"]
-        count += len(marks[0].args[1]) if marks else 1
-    return count
-
-
 def test_troubleshooting_quotes_the_count():
     page = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
-    assert f"{_count_cases()} bad-input cases" in page, _count_cases()
+    import test_output_folders
+
+    cases = count_cases(sys.modules[__name__], test_output_folders)
+    assert f"{cases} bad-input cases" in page, cases
