@@ -90,6 +90,18 @@ def write_marker(folder: str | os.PathLike, kind: str, files: Iterable[str] | No
     return path
 
 
+def changed_since_written(folder: str | os.PathLike, names: Iterable[str]) -> list[str]:
+    """Which of ``names`` in a folder optimum-recon wrote no longer hold what it wrote (edited by the user since):
+    what a rewrite of those files in place must not replace. Empty for a folder without a marker of hashes (nothing
+    proves a change there)."""
+    folder = Path(folder)
+    marker = read_marker(folder)
+    if marker is None or not isinstance(marker["files"], dict):
+        return []
+    return [name for name in names if (folder / name).exists() and not _unchanged(folder / name,
+                                                                                   marker["files"].get(name))]
+
+
 def update_marker(folder: str | os.PathLike, names: Iterable[str]) -> None:
     """Record new contents of files optimum-recon itself rewrote in a folder it owns (``eval --update-card``)."""
     folder = Path(folder)

@@ -196,3 +196,28 @@ def test_a_card_updated_by_eval_is_still_ours(user, tiny_model_dir, text_file, c
                          "--update-card"], capsys)
     assert code == 0, err
     assert _run(_prune(tiny_model_dir, text_file, "--output", out, "--sparsity", "0.6"), capsys)[0] == 0
+
+
+def test_eval_update_card_never_replaces_an_edited_card(user, tiny_model_dir, text_file, capsys):
+    out = _saved_once(user, tiny_model_dir, text_file, capsys)
+    _change_readme(out)
+    before = _snapshot(out)
+    code, _, err = _run(["eval", "--model", out, "--dataset", text_file, "--eval-max-tokens", "256", "--no-progress",
+                         "--update-card"], capsys)
+    assert code == 2
+    _one_line_error(err, "README.md changed since optimum-recon wrote it; recording the results would replace your "
+                         "edits")
+    assert _snapshot(out) == before
+
+
+def test_a_push_stages_links_and_leaves_the_saved_folder_as_it_was(user, tiny_model_dir, text_file, capsys):
+    from optimum_recon.hub.push import PLACEHOLDER, card_for_repo
+
+    out = _saved_once(user, tiny_model_dir, text_file, capsys)
+    before = _snapshot(out)
+    assert PLACEHOLDER in (out / "README.md").read_text()
+    with card_for_repo(out, "me/model") as staging:
+        assert staging != out and 'from_pretrained("me/model")' in (staging / "README.md").read_text()
+        assert (staging / "model.safetensors").is_symlink() and not (staging / MARKER).exists()
+    assert not staging.exists()  # the staging folder (links only) is removed ...
+    assert _snapshot(out) == before and sorted(os.listdir(out)) == sorted(before)  # ... not its targets

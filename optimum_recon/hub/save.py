@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from ..configuration import PruningConfig
-from ..folders import atomic_directory, update_marker
+from ..folders import OutputFolderError, atomic_directory, changed_since_written, update_marker
 from ..report import REPORT_NAME, PruningReport
 from .card import base_model_license, build_model_card
 from .compact import SPARSE_FORMATS, dtype_name, rewrite_weights
@@ -112,11 +112,19 @@ def record_evaluation(
 
     Raises:
         FileNotFoundError: When ``folder`` was not saved by optimum-recon (no `pruning_config.json`).
+        OutputFolderError: When its card or report was edited since optimum-recon wrote it (its marker says so):
+            the edits are never replaced.
     """
     folder = Path(folder).expanduser().resolve()
     if not (folder / "pruning_config.json").is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no pruning_config.json: only a folder saved by optimum-recon "
                                 "has a model card to update.")
+    edited = changed_since_written(folder, ["README.md", REPORT_NAME])
+    if edited:
+        them = "them" if len(edited) > 1 else "it"
+        raise OutputFolderError(
+            f"{str(folder)!r}: {' and '.join(edited)} changed since optimum-recon wrote {them}; recording the results "
+            "would replace your edits. Copy them elsewhere (or save the model again) first.")
     report_path = folder / REPORT_NAME
     report = PruningReport.load(report_path) if report_path.is_file() else PruningReport()
     provenance = Provenance.of(None, None, evaluated=[*(perplexity or {})], recorded=report.provenance)
