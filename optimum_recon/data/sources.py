@@ -191,7 +191,7 @@ def load_documents(source: str, split: str = "train", text_column: str | None = 
 
 
 # where `resolve_documents` read a source: the words a model card uses for it
-ORIGINS = {"local": "a local file", "data_dir": f"the copy under ${DATA_DIR_ENV}", "hub": "the Hugging Face Hub",
+ORIGINS = {"local": "a local file", "data_dir": f"a local copy (${DATA_DIR_ENV})", "hub": "the Hugging Face Hub",
            "bundled": "the copy bundled with optimum-recon"}
 
 

@@ -8,15 +8,13 @@ from typing import Any
 
 from huggingface_hub import EvalResult
 
+from ..data.sources import ORIGINS
 from ..report import PruningReport
 from .provenance import local_words
 
 # Known evaluation names -> (how the card names them, the Hub dataset, its configuration) for `model-index`.
 EVAL_DATASETS = {"wikitext2": ("WikiText-2 (raw)", "wikitext", "wikitext-2-raw-v1"),
                  "c4": ("C4 (English)", "allenai/c4", "en"), "ptb": ("Penn Treebank", "ptb_text_only", "penn_treebank")}
-_ORIGIN_WORDS = {"hub": "read from the Hugging Face Hub",
-                 "data_dir": "read from a local copy ($OPTIMUM_RECON_DATA_DIR)",
-                 "bundled": "read from the copy bundled with optimum-recon", "local": None}
 
 
 def plural(count: int, word: str) -> str:
@@ -55,9 +53,9 @@ def protocol_words(name: str, protocol: dict[str, Any] | None, provenance: dict[
     words = f"{part} of {of}"
     if protocol.get("selection") not in (None, "all rows", "all sentences", "the whole file"):
         words += f" ({protocol['selection']})"
-    origin = _ORIGIN_WORDS.get(protocol.get("origin") or "")
-    if origin:
-        words += ", " + origin
+    origin = protocol.get("origin")
+    if origin in ORIGINS and origin != "local":  # (a local file is named as such already)
+        words += ", read from " + ORIGINS[origin]
         if protocol.get("origin") == "bundled" and name == "wikitext2":
             words += " (the whole raw test split)"
     return words + f", in non-overlapping windows of {window:,} tokens"
